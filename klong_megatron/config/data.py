@@ -1,0 +1,77 @@
+"""Schemas for the trajectory-splitting data pipeline (``data=`` group)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ContextPolicyConfig:
+    """How an over-long trajectory becomes windows (SFT) and contexts (rollouts). Units: tokens."""
+
+    max_len: int = MISSING
+    """Budget of one window / one model context."""
+    overlap: int = 0
+    """Consecutive windows share at least this much context (whole messages, when the budget allows)."""
+    prefix_turns: int = 0
+    """Extend the default pinned prefix (system + first user) by this many assistant turns."""
+    max_prefix_tokens: int | None = None
+    """Cap on the pinned prefix; None means max_len // 2."""
+    keep_full_turns: int | None = None
+    """Tool outputs older than the last k turns in carried-over context become head+tail excerpts."""
+    excerpt_tokens: int = 64
+    """Size of such an excerpt (head + marker + tail)."""
+    gen_reserve: int = 0
+    """Room kept free for the next assistant turn (rollouts: max_new_tokens)."""
+    train_overlap: bool = False
+    """Train assistant tokens again in every window containing them (default: exactly once)."""
+
+    def __post_init__(self) -> None:
+        if self.max_len is MISSING:
+            return
+        if self.max_len < 16:
+            raise ValueError(f"max_len must be >= 16, got {self.max_len}")
+        for name in ("overlap", "prefix_turns", "gen_reserve"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_prefix_tokens is not None and not 0 < self.max_prefix_tokens < self.max_len:
+            raise ValueError(f"max_prefix_tokens must be in (0, max_len={self.max_len}), got {self.max_prefix_tokens}")
+        if self.keep_full_turns is not None and self.keep_full_turns < 0:
+            raise ValueError(f"keep_full_turns must be >= 0 or null, got {self.keep_full_turns}")
+        if self.excerpt_tokens < 8:
+            raise ValueError(f"excerpt_tokens must be >= 8, got {self.excerpt_tokens}")
+
+    @property
+    def prefix_cap(self) -> int:
+        return self.max_prefix_tokens if self.max_prefix_tokens is not None else self.max_len // 2
+
+
+@dataclass
+class DataConfig:
+    """Where trajectories come from and how they become packed training sequences."""
+
+    train_files: list[str] = field(default_factory=list)
+    """Trajectory JSONL files; empty means the bundled demo set."""
+    valid_files: list[str] = field(default_factory=list)
+    """Held-out trajectory files; empty means ``valid_fraction`` of the training trajectories."""
+    valid_fraction: float = 0.1
+    tokenizer: str = "byte"
+    """A local Hugging Face tokenizer directory, or "byte" for the bundled byte-level tokenizer."""
+    policy: ContextPolicyConfig = field(default_factory=lambda: ContextPolicyConfig(max_len=1024))
+    seq_len: int | None = None
+    """Packed sequence length; None means policy.max_len."""
+    skip_invalid: bool = False
+    seed: int = 1234
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.valid_fraction < 1.0:
+            raise ValueError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
+        if self.seq_len is not None and self.seq_len < self.policy.max_len:
+            raise ValueError(f"seq_len ({self.seq_len}) must be >= policy.max_len ({self.policy.max_len})")
+
+
+def register(cs: ConfigStore) -> None:
+    cs.store(group="data", name="data_schema", node=DataConfig)

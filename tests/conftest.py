@@ -1,0 +1,59 @@
+"""Shared fixtures and resource markers.
+
+``docker``, ``slurm`` and ``gpu`` tests skip only when the resource is truly absent, printing why.
+With ``KLONG_REQUIRE_SERVICES=1`` (set by .ci/run) a missing docker engine, bubblewrap or Slurm is a
+failure instead of a skip, so CI cannot go green without running them.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def _ok(cmd: list[str]) -> bool:
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@functools.cache
+def resource_missing(name: str) -> str | None:
+    """Why resource ``name`` is unavailable, or None when it is usable."""
+    if name == "docker":
+        if not shutil.which("docker"):
+            return "docker CLI not installed (run `make services`)"
+        return None if _ok(["docker", "info"]) else "docker engine not running (run `make services`)"
+    if name == "slurm":
+        if not shutil.which("sinfo"):
+            return "Slurm not installed (run `make services`)"
+        return None if _ok(["sinfo", "-h"]) else "slurmctld not reachable (run `make services`)"
+    if name == "bwrap":
+        if not shutil.which("bwrap"):
+            return "bubblewrap not installed (run `make services`)"
+        return (
+            None if _ok(["bwrap", "--unshare-all", "--ro-bind", "/", "/", "true"]) else "bwrap cannot create namespaces"
+        )
+    if name == "gpu":
+        import torch
+
+        return None if torch.cuda.is_available() else "no CUDA device"
+    raise KeyError(name)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    required = os.environ.get("KLONG_REQUIRE_SERVICES") == "1"
+    for name in ("docker", "slurm", "bwrap", "gpu"):
+        if name in item.keywords and (why := resource_missing(name)) is not None:
+            if required and name != "gpu":
+                pytest.fail(f"{name} is required here (KLONG_REQUIRE_SERVICES=1) but {why}")
+            pytest.skip(f"{name}: {why}")
