@@ -1,0 +1,48 @@
+"""The sandbox contract: where an agent's tools run.
+
+A sandbox is a bounded, isolated place with a writable work directory. Implementations (Docker,
+bubblewrap) pass the same contract suite (tests/integration/test_sandbox_contract.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Self, runtime_checkable
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """Outcome of one command. ``exit_code`` is None when the command was killed by the timeout."""
+
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    timed_out: bool
+    duration_s: float
+    truncated: bool
+
+
+@runtime_checkable
+class Sandbox(Protocol):
+    """Small on purpose: everything else (tools, judge checks) is built on these calls."""
+
+    def start(self) -> None: ...
+
+    def exec(
+        self, cmd: str, *, timeout: float, cwd: str | None = None, env: dict[str, str] | None = None
+    ) -> ExecResult: ...
+
+    def write_file(self, path: str, data: bytes | str) -> None: ...
+
+    def read_file(self, path: str) -> bytes: ...
+
+    def export(self, dest: str | Path) -> Path:
+        """Copy the work directory to ``dest`` (a directory) and return it; the judge grades it."""
+        ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(self, *exc: object) -> None: ...
