@@ -1,0 +1,105 @@
+"""Schemas of the SFT training loop (``trainer=`` group): parallelism, optimizer, schedule, checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ParallelConfig:
+    """Megatron model parallelism; data parallelism is world_size / (tp * pp * cp)."""
+
+    tp: int = 1
+    """Tensor-parallel size."""
+    pp: int = 1
+    """Pipeline-parallel size (num_layers must divide evenly)."""
+    cp: int = 1
+    """Context-parallel size (GPU with Transformer Engine only)."""
+    sequence_parallel: bool = False
+    """Shard activations along the sequence in TP regions (GPU only; needs tp > 1)."""
+    use_distributed_optimizer: bool = False
+    """Shard Adam state across data-parallel ranks (ZeRO-1)."""
+    recompute_granularity: str | None = None
+    """Activation recomputation: null, "selective" or "full" (one layer at a time)."""
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "cp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("parallel.sequence_parallel needs parallel.tp > 1")
+        if self.recompute_granularity not in (None, "selective", "full"):
+            raise ValueError(
+                f"parallel.recompute_granularity must be null, selective or full, got {self.recompute_granularity!r}"
+            )
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tp * self.pp * self.cp
+
+
+@dataclass
+class TrainerConfig:
+    """One SFT run: steps, batch sizes, AdamW with warmup + cosine decay, eval and checkpoints."""
+
+    train_steps: int = MISSING
+    """Optimizer steps of the whole run (a resumed run continues up to this)."""
+    micro_batch_size: int = 1
+    """Packed sequences per forward pass on one data-parallel rank."""
+    global_batch_size: int = MISSING
+    """Packed sequences per optimizer step over all data-parallel ranks (a multiple of micro x DP)."""
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    lr_decay_steps: int | None = None
+    """Cosine decay length after warmup; None means train_steps."""
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+    bf16: bool | None = None
+    """bf16 params and compute; None means on a GPU, off on CPU."""
+    seed: int = 1234
+    eval_every: int = 0
+    """Held-out loss every this many steps (and at the end); 0 disables."""
+    eval_batches: int | None = None
+    """Global batches of the held-out split per evaluation; None means the whole split."""
+    log_every: int = 1
+    save_dir: str | None = None
+    """Checkpoint directory (dist_checkpointing); None means <run dir>/checkpoints."""
+    save_every: int = 0
+    """Save every this many steps; 0 saves only at the end (and on SIGTERM / Ctrl-C)."""
+    resume: bool = True
+    """Continue from the latest checkpoint in save_dir when one exists."""
+    resume_from: str | None = None
+    """Explicit checkpoint directory to resume from; a missing one is an error."""
+    exit_after_steps: int | None = None
+    """Stop this process after this many steps (with a checkpoint), as a preemption would."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("train_steps", "micro_batch_size", "global_batch_size", "log_every"):
+            value = getattr(self, name)
+            if value is not MISSING and value < 1:
+                raise ValueError(f"trainer.{name} must be >= 1, got {value}")
+        if self.global_batch_size is not MISSING and self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"trainer.global_batch_size ({self.global_batch_size}) must be a multiple of "
+                f"trainer.micro_batch_size ({self.micro_batch_size})"
+            )
+        for name in ("lr", "min_lr", "weight_decay", "clip_grad", "warmup_steps", "eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
+        if self.min_lr > self.lr:
+            raise ValueError(f"trainer.min_lr ({self.min_lr}) must be <= trainer.lr ({self.lr})")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            raise ValueError("trainer.adam_beta1 and trainer.adam_beta2 must be in [0, 1)")
+
+
+def register(cs: ConfigStore) -> None:
+    cs.store(group="trainer", name="trainer_schema", node=TrainerConfig)

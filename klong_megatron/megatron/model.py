@@ -1,0 +1,153 @@
+"""GPT model provider on ``megatron.core``: ModelConfig -> TransformerConfig -> GPTModel.
+
+One adapter for the optional Transformer Engine dependency: ``HAVE_TE`` says whether it imports.
+``transformer_impl="auto"`` takes the TE layer spec when TE is importable (GPU clusters) and the
+local (pure torch) spec otherwise, warning once; ``"te"`` requires TE, ``"local"`` forbids it.
+
+Attention inputs differ per spec: the local spec takes a block-diagonal causal mask ``[B,1,S,S]``
+(True = masked out) for packed windows; the TE spec takes ``PackedSeqParams(qkv_format="thd")``.
+:func:`uses_packed_seq_params` tells the step function which one to build.
+
+Usage (after ``parallel_state.initialize_model_parallel`` and, on CPU, ``apply_cpu_compat()``)::
+
+    model = build_gpt(model_cfg, parallel=ParallelConfig(tp=2))   # first/last PP stage from parallel_state
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+from klong_megatron.config.model import ModelConfig
+from klong_megatron.config.trainer import ParallelConfig
+
+log = logging.getLogger(__name__)
+
+try:  # optional heavy dependency: installed in GPU cluster images only
+    import transformer_engine  # noqa: F401
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    HAVE_TE = True
+except Exception:  # ImportError, or a broken CUDA extension
+    HAVE_TE = False
+
+
+@functools.cache
+def _warn_no_te() -> None:
+    warnings.warn("transformer_engine is not importable: using Megatron's local (torch) layer spec", stacklevel=3)
+
+
+def resolve_impl(cfg: ModelConfig, have_te: bool | None = None) -> str:
+    """``"te"`` or ``"local"`` for ``cfg.transformer_impl`` given whether TE imports (default: ``HAVE_TE``)."""
+    have_te = HAVE_TE if have_te is None else have_te
+    if cfg.transformer_impl == "te" and not have_te:
+        raise ValueError("model.transformer_impl=te but transformer_engine is not importable; use auto or local")
+    if cfg.transformer_impl == "local" or not have_te:
+        if cfg.transformer_impl == "auto":
+            _warn_no_te()
+        return "local"
+    return "te"
+
+
+def layer_spec(cfg: ModelConfig, have_te: bool | None = None) -> ModuleSpec:
+    """The transformer layer spec for ``cfg`` (TE or local, see :func:`resolve_impl`)."""
+    if resolve_impl(cfg, have_te) == "te":
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
+    return get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization="RMSNorm")
+
+
+def uses_packed_seq_params(cfg: ModelConfig) -> bool:
+    """True when attention takes THD ``PackedSeqParams`` (TE), False for a ``[B,1,S,S]`` mask (local)."""
+    return resolve_impl(cfg) == "te"
+
+
+def to_transformer_config(
+    cfg: ModelConfig, parallel: ParallelConfig | None = None, *, bf16: bool = False
+) -> TransformerConfig:
+    """The one converter from our dataclasses to Megatron's ``TransformerConfig``.
+
+    ``bf16`` selects bf16 params/compute (GPU); fp32 otherwise. Fusions are left off: they need CUDA
+    kernels and are enabled by Megatron itself where TE provides them.
+    """
+    parallel = parallel or ParallelConfig()
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        ffn_hidden_size=cfg.ffn_hidden_size or 4 * cfg.hidden_size,
+        kv_channels=cfg.kv_channels,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=cfg.qkv_bias,
+        qk_layernorm=cfg.qk_layernorm,
+        init_method_std=cfg.init_method_std,
+        attention_dropout=cfg.attention_dropout,
+        hidden_dropout=cfg.hidden_dropout,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        context_parallel_size=parallel.cp,
+        sequence_parallel=parallel.sequence_parallel,
+        pipeline_dtype=dtype,
+        params_dtype=dtype,
+        bf16=bf16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        recompute_granularity=parallel.recompute_granularity,
+        recompute_method="uniform" if parallel.recompute_granularity == "full" else None,
+        recompute_num_layers=1 if parallel.recompute_granularity == "full" else None,
+    )
+
+
+def build_gpt(
+    cfg: ModelConfig,
+    *,
+    parallel: ParallelConfig | None = None,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    bf16: bool = False,
+) -> GPTModel:
+    """Build this rank's part of the GPT model (needs ``parallel_state`` initialised).
+
+    ``pre_process`` / ``post_process`` (embedding / output layer present) default to whether this
+    rank is the first / last pipeline stage. Output logits: ``[B, S, padded_vocab / TP]``; with
+    ``labels`` the model returns per-token cross entropy ``[B, S]`` (fp32).
+    """
+    parallel = parallel or ParallelConfig()
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    config = to_transformer_config(cfg, parallel, bf16=bf16)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(cfg),
+        vocab_size=cfg.padded_vocab_size(parallel.tp),
+        max_sequence_length=cfg.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not cfg.untie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=cfg.rotary_base,
+    )
+    if not torch.cuda.is_available():
+        return model
+    return model.cuda(torch.cuda.current_device())

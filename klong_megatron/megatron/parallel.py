@@ -1,0 +1,84 @@
+"""Process-group setup: torch.distributed (NCCL on GPU, gloo on CPU) + Megatron ``parallel_state``.
+
+Launch modes: a plain ``python`` process (world size 1, a free local port is picked), ``torchrun``
+(``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT`` from the environment), or ``srun torchrun``
+under Slurm (the sbatch script derives the rendezvous from ``SLURM_*``). On CPU the compatibility
+layer (:mod:`klong_megatron.megatron.cpu_compat`) is applied before any Megatron state is created.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from klong_megatron.config.trainer import ParallelConfig
+from klong_megatron.megatron.cpu_compat import apply_cpu_compat
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(parallel: ParallelConfig, seed: int, *, timeout_min: int = 30) -> None:
+    """Initialise torch.distributed, Megatron model parallelism and the RNG trackers (idempotent).
+
+    Raises ValueError when the world size is not a multiple of tp * pp * cp, naming the sizes.
+    """
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        apply_cpu_compat()
+        if parallel.cp > 1 or parallel.sequence_parallel:
+            raise ValueError("trainer.parallel.cp > 1 and sequence_parallel need GPUs with Transformer Engine")
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(_free_port())
+        if on_gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if on_gpu else "gloo", timeout=datetime.timedelta(minutes=timeout_min))
+    world = dist.get_world_size()
+    if world % parallel.model_parallel_size:
+        raise ValueError(
+            f"world size {world} is not a multiple of trainer.parallel tp*pp*cp = "
+            f"{parallel.tp}*{parallel.pp}*{parallel.cp}"
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tp,
+            pipeline_model_parallel_size=parallel.pp,
+            context_parallel_size=parallel.cp,
+        )
+    set_seed(seed)
+
+
+def set_seed(seed: int) -> None:
+    """Seed CPU, CUDA and Megatron's tensor-parallel RNG trackers (same seed on every DP rank)."""
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def data_parallel_rank_and_size() -> tuple[int, int]:
+    """(rank, size) of this process in its data-parallel group."""
+    return parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+
+
+def is_logging_rank() -> bool:
+    """True on global rank 0: the one that prints and writes W&B."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def destroy_distributed() -> None:
+    """Tear down Megatron state and the default process group (for tests running several trainers)."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
