@@ -1,3 +1,82 @@
 #!/usr/bin/env bash
-# Placeholder: starts dockerd and builds the local base image (filled in by the sandbox work).
-exit 0
+# Docker engine for the sandboxes, without systemd.
+#   tools/docker_engine.sh start   start dockerd if it is not answering, then build the base image if absent
+#   tools/docker_engine.sh stop    stop a dockerd started by this script
+#   tools/docker_engine.sh image   (re)build the base image only
+# The base image is Debian bookworm (debootstrap --variant=minbase) with python3, imported with
+# `docker import` because no registry is reachable. The root filesystem tarball is cached under
+# CACHE_DIR so that a wiped engine re-imports it in seconds instead of re-running debootstrap.
+# Knobs: IMAGE, CACHE_DIR, DEBIAN_MIRROR (debootstrap's default when empty), EXTRA_PACKAGES.
+set -euo pipefail
+IMAGE=${IMAGE:-klong-sandbox:bookworm}
+CACHE_DIR=${CACHE_DIR:-/var/cache/klong-megatron}
+DEBIAN_MIRROR=${DEBIAN_MIRROR:-}
+EXTRA_PACKAGES=${EXTRA_PACKAGES:-}
+PACKAGES="python3,procps${EXTRA_PACKAGES:+,$EXTRA_PACKAGES}"
+STATE_DIR=${STATE_DIR:-/run/klong-dockerd}
+
+log() { echo "[docker_engine $(date +%H:%M:%S)] $*" >&2; }
+
+engine_up() { docker info >/dev/null 2>&1; }
+
+start_engine() {
+    if engine_up; then
+        log "engine already running"
+        return
+    fi
+    command -v dockerd >/dev/null || { log "dockerd not installed (apt-get install docker.io)"; exit 1; }
+    mkdir -p "$STATE_DIR"
+    log "starting dockerd (--bridge=none --iptables=false), log: $STATE_DIR/dockerd.log"
+    # setsid: the engine outlives this script and its caller's terminal.
+    setsid dockerd --bridge=none --iptables=false --pidfile "$STATE_DIR/dockerd.pid" \
+        >"$STATE_DIR/dockerd.log" 2>&1 </dev/null &
+    for _ in $(seq 1 120); do
+        engine_up && { log "engine up"; return; }
+        sleep 0.25
+    done
+    log "dockerd did not answer within 30 s; last log lines:"
+    tail -n 20 "$STATE_DIR/dockerd.log" >&2
+    exit 1
+}
+
+build_image() {
+    local tarball="$CACHE_DIR/bookworm-minbase-${PACKAGES//,/-}.tar"
+    if [ ! -s "$tarball" ]; then
+        command -v debootstrap >/dev/null || { log "debootstrap not installed"; exit 1; }
+        local root
+        root=$(mktemp -d)
+        trap 'rm -rf "$root"' RETURN
+        mkdir -p "$CACHE_DIR"
+        log "debootstrap --variant=minbase bookworm (+ $PACKAGES), ~1 min"
+        # shellcheck disable=SC2086
+        debootstrap --variant=minbase --include="$PACKAGES" bookworm "$root" $DEBIAN_MIRROR >"$CACHE_DIR/debootstrap.log" 2>&1 ||
+            { log "debootstrap failed:"; tail -n 20 "$CACHE_DIR/debootstrap.log" >&2; exit 1; }
+        rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+        tar -C "$root" -cf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"
+    fi
+    log "docker import $tarball -> $IMAGE"
+    docker import --change 'CMD ["/bin/sh"]' "$tarball" "$IMAGE" >/dev/null
+}
+
+case "${1:-start}" in
+start)
+    start_engine
+    if docker image inspect "$IMAGE" >/dev/null 2>&1; then
+        log "image $IMAGE present"
+    else
+        build_image
+    fi
+    ;;
+image) start_engine && build_image ;;
+stop)
+    if [ -s "$STATE_DIR/dockerd.pid" ]; then
+        kill "$(cat "$STATE_DIR/dockerd.pid")" && log "dockerd stopped"
+    else
+        log "no dockerd started by this script"
+    fi
+    ;;
+*)
+    echo "usage: $0 start|stop|image" >&2
+    exit 2
+    ;;
+esac
