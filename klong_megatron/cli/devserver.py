@@ -1,0 +1,52 @@
+"""``klong-devserver``: serve a local model over SGLang's native HTTP API (development server).
+
+    klong-devserver --model tiny --port 30000            # random tiny Llama over the byte tokenizer
+    klong-devserver --model path/to/hf_model --tokenizer path/to/hf_model --port 0
+
+Prints ``klong-devserver listening on http://HOST:PORT`` once it accepts requests (``--port 0``
+picks a free port). Flags mirror ``DevServerConfig`` (rollout.devserver in the Hydra configs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import signal
+import sys
+
+from klong_megatron.config.rollout import DevServerConfig
+from klong_megatron.rollout.devmodel import build_dev_model
+from klong_megatron.rollout.devserver import DevServer
+
+
+def _parse(argv: list[str] | None) -> DevServerConfig:
+    p = argparse.ArgumentParser(prog="klong-devserver", description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(DevServerConfig):
+        p.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default)
+    p.add_argument("-v", "--verbose", action="store_true", help="log every request")
+    args = vars(p.parse_args(argv))
+    logging.basicConfig(level=logging.DEBUG if args.pop("verbose") else logging.INFO)
+    try:
+        return DevServerConfig(**args)
+    except ValueError as e:
+        p.error(str(e))
+        raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = _parse(argv)
+    model, tokenizer = build_dev_model(cfg)
+    server = DevServer(model, tokenizer=tokenizer, host=cfg.host, port=cfg.port, model_path=cfg.model)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print(f"klong-devserver listening on {server.url}", flush=True)
+    try:
+        server.serve_forever()
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        server.httpd.server_close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""In-process generation for development: a PyTorch causal LM + KV-cached sampling.
+
+Dataflow: prompt ids -> ``backend.prefill`` (one forward, KV cache) -> loop: sample a token
+(temperature, top-p; log-prob under the unscaled logits) -> stop on a stop token / eos,
+``max_new_tokens``, the model's context length, or an abort -> ``Generation``.
+
+Backends (``CausalLM`` protocol): a local Hugging Face causal-LM directory (``HFCausalLM``) or a
+tiny randomly initialised Llama for demos and tests (``tiny_llama``); the project's Megatron GPT
+plugs in through the same two methods.
+
+``DevModel`` serialises requests (one generation at a time, requests queue on a lock): it is a
+development engine for CPU runs and tests, NOT a replacement for SGLang (no batching, no prefix
+cache, no tensor parallelism). ``DevEngine`` exposes it through the async ``Engine`` contract.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from klong_megatron.config.rollout import DevServerConfig
+from klong_megatron.data.render import load_tokenizer
+from klong_megatron.rollout.engine import EngineError, Generation, SamplingParams, WeightUpdate
+
+
+class CausalLM(Protocol):
+    """What generation needs from a model. Logits are float tensors of shape [vocab]."""
+
+    max_context: int
+    eos_token_ids: tuple[int, ...]
+
+    def prefill(self, input_ids: list[int]) -> tuple[torch.Tensor, Any]: ...
+
+    def decode(self, token: int, cache: Any) -> tuple[torch.Tensor, Any]: ...
+
+    def load_weights(self, path: str) -> None: ...
+
+
+class HFCausalLM:
+    """A local Hugging Face causal LM (``AutoModelForCausalLM``), fp32 on CPU unless told otherwise."""
+
+    def __init__(self, model: Any, *, device: str = "cpu") -> None:
+        self.model = model.to(device).eval()
+        self.device = device
+        cfg = model.config
+        self.max_context = int(getattr(cfg, "max_position_embeddings", 4096))
+        eos = cfg.eos_token_id
+        self.eos_token_ids = tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+    @classmethod
+    def from_dir(cls, path: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> HFCausalLM:
+        from transformers import AutoModelForCausalLM
+
+        if not (Path(path) / "config.json").exists():
+            raise ValueError(f"model: {path} is not a Hugging Face model directory (no config.json)")
+        return cls(AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True), device=device)
+
+    def prefill(self, input_ids: list[int]) -> tuple[torch.Tensor, Any]:
+        ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, use_cache=True)
+        return out.logits[0, -1].float(), out.past_key_values
+
+    def decode(self, token: int, cache: Any) -> tuple[torch.Tensor, Any]:
+        ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+        return out.logits[0, -1].float(), out.past_key_values
+
+    def load_weights(self, path: str) -> None:
+        """Copy the weights of the HF checkpoint at ``path`` in place (same architecture required)."""
+        new = HFCausalLM.from_dir(path, device=self.device, dtype=next(self.model.parameters()).dtype)
+        self.model.load_state_dict(new.model.state_dict(), strict=True)
+
+
+def tiny_llama(vocab_size: int, *, seed: int = 0, max_context: int = 4096, eos_token_id: int | None = None) -> Any:
+    """A randomly initialised 2-layer Llama (~0.2M params + embeddings) for demos and tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_context,
+        eos_token_id=eos_token_id,
+        bos_token_id=None,
+        pad_token_id=None,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def sample_token(logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator) -> tuple[int, float]:
+    """Sample from logits [V]; returns (token id, its log-prob under log_softmax(logits))."""
+    logp = torch.log_softmax(logits, dim=-1)
+    if sampling.temperature == 0:
+        tok = int(torch.argmax(logits))
+        return tok, float(logp[tok])
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
+        drop = torch.cumsum(sorted_p, dim=-1) - sorted_p >= sampling.top_p
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    tok = int(torch.multinomial(probs, 1, generator=gen))
+    return tok, float(logp[tok])
+
+
+class DevModel:
+    """Thread-safe generation over one ``CausalLM`` (requests run one at a time)."""
+
+    def __init__(self, lm: CausalLM, *, weight_version: str = "0", name: str = "dev") -> None:
+        self.lm = lm
+        self.weight_version = weight_version
+        self.name = name
+        self._lock = threading.Lock()
+        self._abort_epoch = 0
+        self._aborted_rids: set[str] = set()
+        self._seed_counter = 0
+        self.tokens_generated = 0
+
+    def abort(self, rid: str | None = None) -> None:
+        """Abort every request in flight or queued now (or only ``rid``)."""
+        if rid:
+            self._aborted_rids.add(rid)
+        else:
+            self._abort_epoch += 1
+
+    @torch.inference_mode()
+    def generate(self, input_ids: list[int], sampling: SamplingParams, *, rid: str = "") -> Generation:
+        """Blocking generation; raises ValueError for a prompt that does not fit the context."""
+        if not input_ids:
+            raise ValueError("input_ids is empty")
+        epoch = self._abort_epoch
+        with self._lock:
+            try:
+                return self._generate(
+                    input_ids, sampling, lambda: epoch != self._abort_epoch or rid in self._aborted_rids
+                )
+            finally:
+                self._aborted_rids.discard(rid)
+
+    def _generate(self, ids: list[int], sp: SamplingParams, aborted: Any) -> Generation:
+        budget = min(sp.max_new_tokens, self.lm.max_context - len(ids))
+        if budget < 1:
+            raise ValueError(f"prompt of {len(ids)} tokens leaves no room in the context of {self.lm.max_context}")
+        self._seed_counter += 1
+        gen = torch.Generator().manual_seed(sp.seed if sp.seed is not None else self._seed_counter * 7919 + 17)
+        stops = set(sp.stop_token_ids) | set(self.lm.eos_token_ids)
+        out: list[int] = []
+        lps: list[float] = []
+        reason = "length"
+        if aborted():
+            return Generation([], [], "abort", prompt_tokens=len(ids), weight_version=self.weight_version)
+        logits, cache = self.lm.prefill(ids)
+        for i in range(budget):
+            tok, lp = sample_token(logits, sp, gen)
+            out.append(tok)
+            lps.append(lp)
+            if tok in stops:
+                reason = "stop"
+                break
+            if aborted():
+                reason = "abort"
+                break
+            if i + 1 < budget:
+                logits, cache = self.lm.decode(tok, cache)
+        self.tokens_generated += len(out)
+        return Generation(out, lps, reason, prompt_tokens=len(ids), weight_version=self.weight_version)
+
+    def load_weights(self, path: str, version: str) -> None:
+        """Reload weights between requests (waits for the current generation to finish)."""
+        with self._lock:
+            self.lm.load_weights(path)
+            self.weight_version = version
+
+
+class DevEngine:
+    """The ``Engine`` contract over an in-process ``DevModel`` (generation runs in a worker thread)."""
+
+    def __init__(self, model: DevModel) -> None:
+        self.model = model
+
+    async def generate(self, input_ids: list[int], sampling: SamplingParams) -> Generation:
+        try:
+            return await asyncio.to_thread(self.model.generate, list(input_ids), sampling)
+        except ValueError as e:
+            raise EngineError(f"dev engine: {e}") from e
+
+    async def abort(self) -> None:
+        self.model.abort()
+
+    async def update_weights(self, update: WeightUpdate) -> None:
+        if update.path is None:
+            raise EngineError("dev engine: only disk weight updates (WeightUpdate(path=...)) are supported")
+        await asyncio.to_thread(self.model.load_weights, update.path, update.version)
+
+    async def health(self) -> bool:
+        return True
+
+    async def close(self) -> None:
+        return None
+
+
+def build_dev_model(cfg: DevServerConfig) -> tuple[DevModel, Any]:
+    """DevServerConfig -> (DevModel, tokenizer or None)."""
+    tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.model == "tiny":
+        if tokenizer is None:
+            raise ValueError("devserver.model=tiny needs a tokenizer (its vocabulary sizes the model)")
+        model = tiny_llama(
+            len(tokenizer), seed=cfg.seed, max_context=cfg.max_context, eos_token_id=tokenizer.eos_token_id
+        )
+        lm = HFCausalLM(model.to(dtype), device=cfg.device)
+    else:
+        lm = HFCausalLM.from_dir(cfg.model, device=cfg.device, dtype=dtype)
+    return DevModel(lm, name=cfg.model), tokenizer
