@@ -22,8 +22,8 @@ def register_configs() -> None:
     if _registered:
         return
     cs = ConfigStore.instance()
-    from klong_megatron.config import data, model, sandbox, trainer
+    from klong_megatron.config import data, model, rollout, sandbox, trainer
 
-    for module in (data, model, trainer, sandbox):
+    for module in (data, model, trainer, rollout, sandbox):
         module.register(cs)
     _registered = True
