@@ -50,7 +50,9 @@ def test_experiment_preset_composes_with_its_app(experiment: str) -> None:
     apps = [p for p in PRIMARY if f"app: {p}" in text] or PRIMARY
     assert apps, "no primary config to compose the experiment with"
     for app in apps:
-        cfg = compose(config_name=app, overrides=[f"+experiment={experiment}"])
+        # Apps that declare `experiment: null` in their defaults take `experiment=X`; others `+experiment=X`.
+        plus = "" if "experiment: null" in (CONFIG_DIR / f"{app}.yaml").read_text() else "+"
+        cfg = compose(config_name=app, overrides=[f"{plus}experiment={experiment}"])
         OmegaConf.to_object(cfg)
 
 
