@@ -1,0 +1,114 @@
+"""``klong-sft``: Hydra app for trajectory-splitting SFT (``hydra_configs/sft.yaml``).
+
+    klong-sft experiment=demo                          # tiny model, bundled demo data, CPU, minutes
+    klong-sft experiment=demo logger=wandb             # + W&B (WANDB_MODE=offline works without network)
+    torchrun --nproc_per_node 2 -m klong_megatron.cli.sft experiment=demo trainer.parallel.tp=2
+    klong-sft experiment=demo dry_run=true             # validate config + data, print the plan, exit
+    klong-sft -m experiment=demo trainer.lr=1e-3,3e-3 hydra/launcher=submitit_slurm   # sweep on Slurm
+
+The composed config becomes an ``SFTConfig`` once (``OmegaConf.to_object``); a bad field fails
+here with its name. Exit status: 0 when the run completed or stopped by ``exit_after_steps``,
+128 + signal number when SIGTERM/SIGINT stopped it (after a checkpoint was saved).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from klong_megatron.config import CONFIG_DIR, register_configs
+from klong_megatron.config.sft import SFTConfig
+
+
+def _run_names() -> tuple[str, str | None]:
+    """(output dir, default W&B run name) from Hydra's runtime, outside Hydra: (cwd, None)."""
+    if not HydraConfig.initialized():
+        return os.getcwd(), None
+    hc = HydraConfig.get()
+    name = hc.job.override_dirname or hc.job.name
+    if hc.job.get("num") is not None and hc.mode.name == "MULTIRUN":
+        name = f"{name}#{hc.job.num}"
+    return hc.runtime.output_dir, name
+
+
+def describe(cfg: SFTConfig, world_size: int) -> str:
+    """One paragraph: model size, parallel layout and batch plan (the dry-run output)."""
+    p = cfg.trainer.parallel
+    dp = world_size // p.model_parallel_size if world_size % p.model_parallel_size == 0 else None
+    if dp is None:
+        raise ValueError(f"world size {world_size} is not a multiple of tp*pp*cp = {p.model_parallel_size}")
+    per = cfg.trainer.micro_batch_size * dp
+    if cfg.trainer.global_batch_size % per:
+        raise ValueError(
+            f"trainer.global_batch_size ({cfg.trainer.global_batch_size}) must be a multiple of "
+            f"micro_batch_size x DP ({cfg.trainer.micro_batch_size} x {dp})"
+        )
+    seq = cfg.data.seq_len or cfg.data.policy.max_len
+    return (
+        f"model {cfg.model.num_parameters() / 1e6:.1f}M params, {cfg.model.num_layers} layers, "
+        f"hidden {cfg.model.hidden_size}; world {world_size} = TP {p.tp} x PP {p.pp} x CP {p.cp} x DP {dp}; "
+        f"global batch {cfg.trainer.global_batch_size} x {seq} tokens "
+        f"({cfg.trainer.global_batch_size // per} micro-batches of {cfg.trainer.micro_batch_size} per rank); "
+        f"{cfg.trainer.train_steps} steps"
+    )
+
+
+def run(cfg: SFTConfig, output_dir: str | Path, run_name: str | None = None) -> dict:
+    """Train (or, with ``dry_run``, validate) and return the trainer's summary."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    plan = describe(cfg, world)
+    if cfg.dry_run:
+        from klong_megatron.data.dataset import build_sft_datasets
+
+        train, valid = build_sft_datasets(cfg.data)
+        print(f"dry run OK: {plan}; data: {len(train)} train / {len(valid)} valid packed sequences")
+        return {"dry_run": True, "plan": plan}
+
+    from klong_megatron.logging import MetricsLogger
+    from klong_megatron.megatron.parallel import destroy_distributed, is_logging_rank
+    from klong_megatron.sft.trainer import SFTTrainer
+
+    trainer = SFTTrainer(cfg, output_dir)
+    logger = MetricsLogger(
+        cfg.logger,
+        enabled=is_logging_rank(),
+        run_dir=output_dir,
+        config=asdict(cfg),
+        default_name=run_name or cfg.name,
+        default_group=cfg.name,
+    )
+    logger.info(plan)
+    code = 1
+    try:
+        summary = trainer.run(logger)
+        code = 0
+    finally:
+        logger.finish(exit_code=code)
+        destroy_distributed()
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="sft")
+def _main(dcfg: DictConfig) -> float | None:
+    cfg: SFTConfig = OmegaConf.to_object(dcfg)
+    output_dir, run_name = _run_names()
+    output_dir = cfg.output_dir or output_dir
+    summary = run(cfg, output_dir, run_name)
+    if summary.get("signal"):
+        sys.exit(128 + summary["signal"])
+    return summary.get("metrics", {}).get("loss")
+
+
+def main() -> None:
+    register_configs()
+    _main()
+
+
+if __name__ == "__main__":
+    main()

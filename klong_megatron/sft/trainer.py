@@ -1,0 +1,271 @@
+"""Trajectory-splitting SFT on Megatron-Core: the training loop (controller layer).
+
+Dataflow per step: SampleOrder -> global batch of packed windows -> this DP rank's micro-batches ->
+``get_forward_backward_func`` (per-token loss over the window loss masks; gradients divided by the
+trained tokens of the whole global batch) -> Megatron DDP grad sync -> ``get_megatron_optimizer``
+(Adam, clip, optional distributed optimizer, bf16 on GPU) -> warmup + cosine LR
+(``OptimizerParamScheduler``) -> metrics -> checkpoint.
+
+Stops: ``train_steps`` reached; ``exit_after_steps`` steps done in this process; SIGTERM / SIGINT
+(Slurm preemption, Ctrl-C), agreed by all ranks after the current step. Each saves a checkpoint
+first. A non-finite loss raises :class:`NonFiniteLossError` naming the step and the trajectory ids.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+
+from klong_megatron.config.sft import SFTConfig
+from klong_megatron.logging import MetricsLogger
+from klong_megatron.megatron import checkpoint as ckpt
+from klong_megatron.megatron.model import build_gpt, uses_packed_seq_params
+from klong_megatron.megatron.parallel import data_parallel_rank_and_size, init_distributed, is_logging_rank
+from klong_megatron.megatron.step import make_forward_step
+from klong_megatron.sft.batches import BatchPlan, GlobalBatches, eval_batches, micro_batches
+from klong_megatron.sft.metrics import flops_per_token
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss of a step was NaN/inf; the message names the step and the batch's trajectory ids."""
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT; ranks agree on it with an all-reduce after each step."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self) -> int:
+        flag = torch.tensor([self.signum], dtype=torch.int64, device=_device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class SFTTrainer:
+    """One SFT run over the data pipeline's packed windows.
+
+    ``data`` overrides the pipeline (tests, custom corpora): a dict with ``train``, ``valid`` (datasets
+    of packed items), ``collate(samples, attention)`` and ``order(num_samples, seed)`` (an object with
+    ``indices(start)``, the ``SampleOrder`` contract). Default: ``build_sft_datasets(cfg.data)``.
+    """
+
+    def __init__(self, cfg: SFTConfig, output_dir: str | Path, data: dict[str, Any] | None = None) -> None:
+        self.cfg = cfg
+        self.out = Path(output_dir)
+        self.tcfg = cfg.trainer
+        self.bf16 = self.tcfg.bf16 if self.tcfg.bf16 is not None else torch.cuda.is_available()
+        init_distributed(self.tcfg.parallel, self.tcfg.seed)
+        self.train_ds, self.valid_ds, self.collate, self._order = self._datasets(data)
+        dp_rank, dp_size = data_parallel_rank_and_size()
+        self.plan = BatchPlan(self.tcfg.global_batch_size, self.tcfg.micro_batch_size, dp_size, dp_rank)
+        self.save_dir = Path(self.tcfg.save_dir or self.out / "checkpoints")
+        self.seq_len = cfg.data.seq_len or cfg.data.policy.max_len
+        self.model, self.optimizer, self.scheduler = self._build()
+        self.state = ckpt.TrainState()
+        self.logger: MetricsLogger | None = None
+        self.last_metrics: dict[str, float] = {}
+        self._batch_ids: list[list[str]] = []
+
+    # ----- setup -------------------------------------------------------------------------------
+    def _datasets(self, data: dict[str, Any] | None):
+        if data is None:
+            from klong_megatron.data.dataset import SampleOrder, build_sft_datasets, collate
+
+            train, valid = build_sft_datasets(self.cfg.data)
+            data = {"train": train, "valid": valid, "collate": collate, "order": SampleOrder}
+        train, valid, collate_fn = data["train"], data["valid"], data["collate"]
+        if len(train) == 0:
+            raise ValueError("the training split is empty: check data.train_files / data.policy")
+        vocab = getattr(train, "vocab_size", None)
+        if vocab is not None and vocab > self.cfg.model.vocab_size:
+            raise ValueError(
+                f"model.vocab_size ({self.cfg.model.vocab_size}) is smaller than the tokenizer "
+                f"({vocab} tokens, data.tokenizer={self.cfg.data.tokenizer!r})"
+            )
+        attention = "thd" if uses_packed_seq_params(self.cfg.model) else "mask"
+        return train, valid, (lambda samples: collate_fn(samples, attention=attention)), data["order"]
+
+    def _build(self):
+        t = self.tcfg
+        model = build_gpt(self.cfg.model, parallel=t.parallel, bf16=self.bf16)
+        config = model.config
+        if self.cfg.init_from_hf:
+            from klong_megatron.megatron.hf import load_hf_weights
+
+            load_hf_weights(model, self.cfg.init_from_hf, self.cfg.model)
+        if self.bf16:
+            model = Float16Module(config, model)
+        config.calculate_per_token_loss = True
+        config.finalize_model_grads_func = finalize_model_grads
+        ddp_cfg = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=t.parallel.use_distributed_optimizer
+        )
+        model = DistributedDataParallel(config, ddp_cfg, model)
+        opt_cfg = OptimizerConfig(
+            optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
+            adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad, bf16=self.bf16,
+            params_dtype=torch.bfloat16 if self.bf16 else torch.float32,
+            use_distributed_optimizer=t.parallel.use_distributed_optimizer,
+        )  # fmt: skip
+        optimizer = get_megatron_optimizer(opt_cfg, [model])
+        decay = t.lr_decay_steps or max(1, t.train_steps - t.warmup_steps)
+        scheduler = OptimizerParamScheduler(
+            optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.warmup_steps,
+            lr_decay_steps=t.warmup_steps + decay, lr_decay_style="cosine", start_wd=t.weight_decay,
+            end_wd=t.weight_decay, wd_incr_steps=t.train_steps, wd_incr_style="constant",
+        )  # fmt: skip
+        return model, optimizer, scheduler
+
+    def _maybe_resume(self) -> None:
+        t = self.tcfg
+        if t.resume_from:
+            if not Path(t.resume_from).exists():
+                raise FileNotFoundError(f"trainer.resume_from={t.resume_from!r} does not exist")
+            self.state = ckpt.load_checkpoint(t.resume_from, self.model, self.optimizer, self.scheduler)
+        elif t.resume and ckpt.latest_step(self.save_dir) is not None:
+            self.state = ckpt.load_checkpoint(self.save_dir, self.model, self.optimizer, self.scheduler)
+        else:
+            return
+        self._log_info(f"resumed at step {self.state.step} (consumed_samples {self.state.consumed_samples})")
+
+    # ----- one step ----------------------------------------------------------------------------
+    def _run_batch(self, global_indices: list[int], dataset, *, forward_only: bool) -> tuple[float, float, float]:
+        """Forward(+backward) one global batch. Returns (loss mean over trained tokens, trained tokens, windows)."""
+        local = self.plan.local_slice(global_indices)
+        mbs = micro_batches(dataset, local, self.plan.micro_batch_size, self.collate)
+        windows = float(sum(len(ids) for mb in mbs for ids in mb["trajectory_ids"]))
+        self._batch_ids = [ids for mb in mbs for ids in mb["trajectory_ids"]]
+        out = get_forward_backward_func()(
+            forward_step_func=make_forward_step(),
+            data_iterator=iter(mbs),
+            model=[self.model],
+            num_microbatches=len(mbs),
+            seq_length=self.seq_len,
+            micro_batch_size=self.plan.micro_batch_size,
+            forward_only=forward_only,
+        )
+        totals = torch.zeros(3, dtype=torch.float64, device=_device())
+        if parallel_state.is_pipeline_last_stage():
+            for item in out:
+                totals[:2] += item["lm loss"].to(totals)
+            totals[2] = windows
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                           group=parallel_state.get_pipeline_model_parallel_group())  # fmt: skip
+        loss_sum, tokens, windows = totals.tolist()
+        return loss_sum / max(tokens, 1.0), tokens, windows
+
+    def train_step(self) -> dict[str, float]:
+        indices = self.batches.next()
+        start = time.perf_counter()
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss, tokens, windows = self._run_batch(indices, self.train_ds, forward_only=False)
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite loss {loss} at step {self.state.step + 1}; trajectory ids of this rank's part of "
+                f"the batch: {sorted({i for ids in self._batch_ids for i in ids})}"
+            )
+        _, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        elapsed = time.perf_counter() - start
+        self.state.step += 1
+        self.state.consumed_samples = self.batches.consumed_samples
+        seq_tokens = self.tcfg.global_batch_size * self.seq_len
+        metrics = {
+            "loss": loss, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm or 0.0),
+            "tokens_per_s": seq_tokens / elapsed, "windows": windows, "trained_tokens": tokens,
+            "step_time_s": elapsed,
+        }  # fmt: skip
+        tflops = flops_per_token(self.cfg.model, self.seq_len) * seq_tokens / elapsed / 1e12
+        metrics["tflops"] = tflops / dist.get_world_size()
+        if self.cfg.cluster.peak_tflops:
+            metrics["mfu"] = metrics["tflops"] / self.cfg.cluster.peak_tflops
+        return metrics
+
+    def evaluate(self) -> float:
+        """Held-out loss: mean over the trained tokens of ``trainer.eval_batches`` global batches."""
+        if self.valid_ds is None or len(self.valid_ds) == 0:
+            return float("nan")
+        loss_sum = tokens = 0.0
+        for indices in eval_batches(len(self.valid_ds), self.tcfg.global_batch_size, self.tcfg.eval_batches):
+            loss, n, _ = self._run_batch(indices, self.valid_ds, forward_only=True)
+            loss_sum, tokens = loss_sum + loss * n, tokens + n
+        return loss_sum / max(tokens, 1.0)
+
+    # ----- the run -----------------------------------------------------------------------------
+    def _log_info(self, message: str) -> None:
+        if self.logger is not None:
+            self.logger.info(message)
+
+    def save(self) -> Path:
+        path = ckpt.save_checkpoint(self.save_dir, self.model, self.optimizer, self.scheduler, self.state)
+        self._log_info(f"saved checkpoint {path}")
+        return path
+
+    def run(self, logger: MetricsLogger | None = None) -> dict[str, Any]:
+        """Train to ``train_steps`` (or a stop); returns the final state, last metrics and how it ended."""
+        t = self.tcfg
+        self.logger = logger or MetricsLogger(self.cfg.logger, enabled=is_logging_rank(), run_dir=self.out)
+        self._maybe_resume()
+        order = self._order(len(self.train_ds), self.cfg.data.seed)
+        self.batches = GlobalBatches(order.indices, t.global_batch_size, self.state.consumed_samples)
+        stop, steps_here, ended = _StopFlag(), 0, "completed"
+        stop.install()
+        try:
+            while self.state.step < t.train_steps:
+                metrics = self.train_step()
+                steps_here += 1
+                step = self.state.step
+                if step % t.log_every == 0 or step == t.train_steps:
+                    self.logger.log(step, metrics)
+                self.last_metrics = metrics
+                if t.eval_every and (step % t.eval_every == 0 or step == t.train_steps):
+                    self.last_metrics["eval_loss"] = self.evaluate()
+                    self.logger.log(step, {"loss": self.last_metrics["eval_loss"]}, prefix="eval")
+                if step == t.train_steps:
+                    break
+                if signum := stop.agreed():
+                    ended = f"signal {signal.Signals(signum).name}"
+                    break
+                if t.exit_after_steps is not None and steps_here >= t.exit_after_steps:
+                    ended = f"exit_after_steps={t.exit_after_steps}"
+                    break
+                if t.save_every and step % t.save_every == 0:
+                    self.save()
+            self.save()
+        finally:
+            stop.restore()
+        self._log_info(f"run ended at step {self.state.step}: {ended}")
+        return {"state": asdict(self.state), "metrics": self.last_metrics, "ended": ended, "signal": stop.signum}
