@@ -1,0 +1,83 @@
+"""Trajectory splitting for SFT: ``RenderedTrajectory`` -> ``ContextPolicy`` -> windows.
+
+The splitting rules live in ``context.py`` (shared with the agent loop); this module feeds whole
+trajectories through them and measures the result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from klong_megatron.data.context import ContextPolicy, ContextState, Window
+from klong_megatron.data.render import RenderedTrajectory
+
+
+def feed(state: ContextState, rt: RenderedTrajectory, upto: int | None = None) -> ContextState:
+    """Add messages ``[0, upto)`` of ``rt`` to ``state`` (all by default) and return it."""
+    for i in range(rt.num_messages if upto is None else upto):
+        s, e = rt.spans[i]
+        state.add(rt.input_ids[s:e], rt.assistant_mask[s:e], np.arange(s, e), rt.roles[i], rt.pinned[i])
+    return state
+
+
+def split_trajectory(rt: RenderedTrajectory, policy: ContextPolicy) -> list[Window]:
+    """All training windows of one trajectory (see ``context.py`` for the invariants)."""
+    return feed(policy.start(rt.id), rt).finish()
+
+
+def context_before(
+    rt: RenderedTrajectory, policy: ContextPolicy, message: int, reserve: int | None = None
+) -> np.ndarray:
+    """The context the model sees before generating message ``message`` (an assistant turn)."""
+    return feed(policy.start(rt.id), rt, upto=message).context(reserve)
+
+
+@dataclass
+class SplitStats:
+    trajectories: int = 0
+    windows: int = 0
+    tokens_total: int = 0
+    """tokens of the full renderings"""
+    assistant_tokens: int = 0
+    window_tokens: int = 0
+    """tokens processed: sum of window lengths"""
+    trained_tokens: int = 0
+    elided_tokens: int = 0
+    lower_bound_tokens: int = 0
+    """rendering + one extra prefix per extra window of the fewest possible windows"""
+
+    def add(self, rt: RenderedTrajectory, windows: list[Window], max_len: int) -> None:
+        self.trajectories += 1
+        self.windows += len(windows)
+        self.tokens_total += len(rt.input_ids)
+        self.assistant_tokens += int(rt.assistant_mask.sum())
+        self.window_tokens += sum(len(w) for w in windows)
+        self.trained_tokens += sum(int(w.loss_mask.sum()) for w in windows)
+        self.elided_tokens += sum(w.elided for w in windows)
+        prefix = windows[0].prefix_len if windows else 0
+        body = len(rt.input_ids) - prefix
+        fewest = max(1, -(-body // max(1, max_len - prefix)))
+        self.lower_bound_tokens += len(rt.input_ids) + (fewest - 1) * prefix
+
+    @property
+    def redundancy(self) -> float:
+        """Tokens processed per trained token (1.0 would be no context at all)."""
+        return self.window_tokens / max(1, self.trained_tokens)
+
+    @property
+    def lower_bound_redundancy(self) -> float:
+        return self.lower_bound_tokens / max(1, self.trained_tokens)
+
+
+def split_all(
+    rendered: Iterable[RenderedTrajectory], policy: ContextPolicy, stats: SplitStats | None = None
+) -> Iterable[Window]:
+    """Split a stream of trajectories, accumulating ``stats``."""
+    for rt in rendered:
+        windows = split_trajectory(rt, policy)
+        if stats is not None:
+            stats.add(rt, windows, policy.cfg.max_len)
+        yield from windows
