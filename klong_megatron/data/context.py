@@ -18,7 +18,9 @@ A window is ``pinned prefix + [truncation marker] + carried context + new messag
   replaced by the rendered marker. With ``keep_full_turns = k``, tool outputs older than the last k
   turns are cut to head+tail excerpts when carried over (progressive truncation); within a window the
   context only grows, so it is a single valid inference context.
-- a single message longer than the room it can ever have is elided to head + marker + tail.
+- a single message longer than the room it can have is elided to head + marker + tail: an assistant
+  message to the room after prefix and marker, any other message to half the room left after the
+  generation reserve (so that an observation can always be carried over with the next turn).
 - loss: assistant tokens are trained in the window where they are new (and prefix turns in window 0);
   with ``train_overlap`` also in every window that carries them. Markers are never trained.
 
@@ -167,8 +169,8 @@ class ContextState:
         if role == "assistant":
             piece = elide(piece, self._avail(), self.policy.elision_ids)
             self._make_room(max(self.cfg.gen_reserve, len(piece)), piece.msg)
-        else:
-            piece = elide(piece, self._avail() - self.cfg.gen_reserve, self.policy.elision_ids)
+        else:  # at most half the room, so that it can be carried over together with the next turn
+            piece = elide(piece, (self._avail() - self.cfg.gen_reserve) // 2, self.policy.elision_ids)
         self.body.append((piece, NEW))
         self.body_len += len(piece)
 
@@ -221,7 +223,7 @@ class ContextState:
                 f"trajectory {self.trajectory_id!r}: the pinned prefix (messages 0..{len(self.prefix) - 1}) has "
                 f"{self.prefix_len} tokens, more than max_prefix_tokens={cap} (max_len={self.cfg.max_len})"
             )
-        room = self._avail() - self.cfg.gen_reserve
+        room = (self._avail() - self.cfg.gen_reserve) // 2
         if room < len(self.policy.elision_ids) + 2:
             raise ValueError(
                 f"trajectory {self.trajectory_id!r}: max_len={self.cfg.max_len} leaves {room} tokens after the "
