@@ -1,9 +1,9 @@
 """Check grader: a leaf's ``check`` shell command, run in a sandbox holding the submission; exit 0 scores 1.
 
-Dataflow: submission files -> copied into a fresh sandbox (any :class:`Sandbox` backend: Docker,
-bubblewrap) -> each leaf's ``check`` runs there in turn (sharing that sandbox; checks are expected to
-inspect, not to depend on each other's side effects) -> exit code 0 -> 1.0, any other exit code or a
-timeout -> 0.0 with the command's output as the explanation.
+Dataflow: submission files -> one tar archive unpacked in a fresh sandbox (any :class:`Sandbox`
+backend: Docker, bubblewrap; the sandbox needs ``tar``) -> each leaf's ``check`` runs there in turn
+(sharing that sandbox; checks should inspect, not depend on each other's side effects) -> exit code 0
+-> 1.0, any other exit code or a timeout -> 0.0 with the command's output as the explanation.
 
 A sandbox that crashes (an exception from the backend, not a failing command) is reported and the
 remaining leaves are retried in a new sandbox, up to ``max_sandbox_attempts`` sandboxes; leaves still
@@ -13,7 +13,9 @@ ungraded then come back invalid. A leaf without a ``check`` command comes back i
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
+import tarfile
 from collections.abc import Callable, Sequence
 
 from klong_megatron.judge.base import GradingTask, LeafGrade
@@ -21,6 +23,7 @@ from klong_megatron.judge.rubric import TaskNode
 from klong_megatron.sandbox.base import ExecResult, Sandbox
 
 log = logging.getLogger(__name__)
+_ARCHIVE = ".judge-submission.tar"
 
 
 class CheckGrader:
@@ -80,8 +83,12 @@ class CheckGrader:
 
 
 def _copy_in(sandbox: Sandbox, task: GradingTask) -> None:
-    """Start the sandbox and write every submission file into its work directory (same relative paths)."""
-    sandbox.start()
-    sub = task.submission
-    for rel in sub.files:
-        sandbox.write_file(rel, (sub.root / rel).read_bytes())
+    """Put the submission into the started sandbox's work directory: one tar archive, unpacked inside."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for rel in task.submission.files:
+            tar.add(task.submission.root / rel, arcname=rel, recursive=False)
+    sandbox.write_file(_ARCHIVE, buf.getvalue())
+    r = sandbox.exec(f"tar -xf {_ARCHIVE} && rm -f {_ARCHIVE}", timeout=300)
+    if r.exit_code != 0:
+        raise RuntimeError(f"could not unpack the submission in the sandbox: {r.stderr.strip()[-500:]}")
