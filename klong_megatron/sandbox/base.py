@@ -13,7 +13,12 @@ from typing import Protocol, Self, runtime_checkable
 
 @dataclass(frozen=True)
 class ExecResult:
-    """Outcome of one command. ``exit_code`` is None when the command was killed by the timeout."""
+    """Outcome of one command. ``exit_code`` is None when the command was killed by the timeout.
+
+    ``truncated``: some output was dropped (the middle; head and tail are kept). ``oom_killed``: the
+    backend confirmed an out-of-memory kill (Docker's cgroup counter); under rlimits (bwrap) an
+    allocation fails inside the program instead (e.g. ``MemoryError`` on stderr).
+    """
 
     exit_code: int | None
     stdout: str
@@ -21,6 +26,7 @@ class ExecResult:
     timed_out: bool
     duration_s: float
     truncated: bool
+    oom_killed: bool = False
 
 
 @runtime_checkable

@@ -1,0 +1,225 @@
+"""bubblewrap sandbox: no daemon; every command is one ``bwrap`` process in fresh namespaces.
+
+Dataflow: start() makes a host work directory. exec() runs
+``[setpriv to the sandbox uid] prlimit <limits> bwrap --unshare-all --die-with-parent ... sh -c cmd``
+with the host's /usr (and a few /etc files) bound read-only, private /proc, /dev and /tmp, the work
+directory bound at ``cfg.workdir`` and the root remounted read-only. When the command returns, bwrap's
+PID-namespace init exits and the kernel kills whatever it left (setsid escapees included); on timeout
+the bwrap process group is killed and ``--die-with-parent`` takes the namespace down with it.
+
+Limits (say them plainly): memory is an address-space rlimit (an allocation fails inside the program,
+e.g. ``MemoryError``; no OOM killer); CPU is a CPU-seconds rlimit (``cpus`` is not enforced); the
+process limit is an nproc rlimit, which only binds a non-root uid, so when run as root each sandbox
+drops to its own uid (setpriv) and without root ``pids`` is not enforced. /tmp lives only as long as
+one command. The host's /usr is the sandbox's system (``image`` is ignored).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import re
+import selectors
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Self
+
+from klong_megatron.config.sandbox import SandboxConfig
+from klong_megatron.sandbox._common import OutputCapture, SandboxError, default_run_id, pid_alive, sandbox_path
+from klong_megatron.sandbox.base import ExecResult
+
+log = logging.getLogger(__name__)
+
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+ETC_FILES = (
+    "/etc/alternatives",
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/ssl",
+    "/etc/ca-certificates",
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/nsswitch.conf",
+    "/etc/localtime",
+    "/etc/mime.types",
+)
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+UID_BASE = 200_000
+_uids = itertools.count()
+_DIR_RE = re.compile(r"^klong-sbx-(\d+)-")
+
+
+def reap_leftovers(host_dir: str | None = None) -> list[str]:
+    """Remove work directories left by dead processes; returns their paths."""
+    root = Path(host_dir or tempfile.gettempdir())
+    removed = []
+    for d in root.glob("klong-sbx-*"):
+        m = _DIR_RE.match(d.name)
+        if m and d.is_dir() and not pid_alive(int(m.group(1))):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(str(d))
+    if removed:
+        log.info("reaped %d leftover bwrap work dir(s)", len(removed))
+    return removed
+
+
+class BwrapSandbox:
+    """A host work directory plus the recipe for the bwrap command line; see the module docstring."""
+
+    def __init__(self, cfg: SandboxConfig) -> None:
+        self.cfg = cfg
+        self.run_id = cfg.run_id or default_run_id()
+        self.host_work: Path | None = None
+        self.uid: int | None = None
+        self.name = ""
+
+    def start(self) -> None:
+        if self.host_work is not None:
+            return
+        if shutil.which("bwrap") is None:
+            raise SandboxError("bubblewrap (bwrap) is not installed; apt-get install bubblewrap")
+        reap_leftovers(self.cfg.host_dir)
+        self.host_work = Path(tempfile.mkdtemp(prefix=f"klong-sbx-{os.getpid()}-", dir=self.cfg.host_dir))
+        self.name = self.host_work.name
+        if os.geteuid() == 0:
+            self.uid = UID_BASE + (os.getpid() * 97 + next(_uids)) % 100_000
+            os.chown(self.host_work, self.uid, self.uid)
+
+    def close(self) -> None:
+        if self.host_work is not None:
+            shutil.rmtree(self.host_work, ignore_errors=True)
+            self.host_work = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- command line -----------------------------------------------------------------------------
+    def _argv(self, inner: list[str], cwd: str, env: dict[str, str] | None) -> list[str]:
+        if self.host_work is None:
+            raise SandboxError("bwrap sandbox is not started")
+        cfg = self.cfg
+        prefix: list[str] = []
+        limits = [f"--as={cfg.memory_mb * 1024 * 1024}", f"--fsize={cfg.max_file_mb * 1024 * 1024}"]
+        if cfg.cpu_time_s:
+            limits.append(f"--cpu={cfg.cpu_time_s}")
+        if self.uid is not None:
+            prefix = ["setpriv", f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups", "--"]
+            limits.append(f"--nproc={cfg.pids}")
+        args = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--hostname", "sandbox"]
+        if cfg.network == "host":
+            args.append("--share-net")
+        for d in SYSTEM_DIRS:
+            if os.path.islink(d):
+                args += ["--symlink", os.readlink(d), d]
+            elif os.path.isdir(d):
+                args += ["--ro-bind", d, d]
+        for f in ETC_FILES:
+            if os.path.exists(f):
+                args += ["--ro-bind", f, f]
+        args += ["--proc", "/proc", "--dev", "/dev", "--size", str(cfg.tmp_mb * 1024 * 1024), "--tmpfs", "/tmp"]
+        args += ["--bind", str(self.host_work), cfg.workdir]
+        for spec in cfg.ro_binds:
+            host, _, inside = spec.partition(":")
+            args += ["--ro-bind", host, inside]
+        if cfg.read_only_root:
+            args += ["--remount-ro", "/"]
+        args += ["--chdir", cwd, "--clearenv", "--setenv", "PATH", PATH, "--setenv", "HOME", "/tmp"]
+        for k, v in {**cfg.env, **(env or {})}.items():
+            args += ["--setenv", k, v]
+        return [*prefix, "prlimit", *limits, "--", *args, "--", *inner]
+
+    # -- commands ---------------------------------------------------------------------------------
+    def exec(
+        self, cmd: str, *, timeout: float, cwd: str | None = None, env: dict[str, str] | None = None
+    ) -> ExecResult:
+        argv = self._argv(["/bin/sh", "-c", cmd], sandbox_path(self.cfg.workdir, cwd or self.cfg.workdir), env)
+        t0 = time.monotonic()
+        out, err = OutputCapture(self.cfg.max_output_bytes), OutputCapture(self.cfg.max_output_bytes)
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+        )
+        finished = _pump_pipes(proc, t0 + timeout, out, err)
+        if not finished:
+            log.warning("sandbox %s: command timed out after %.1fs; killing it", self.name, timeout)
+            os.killpg(proc.pid, signal.SIGKILL)
+            _pump_pipes(proc, time.monotonic() + 2.0, out, err)
+        for f in (proc.stdout, proc.stderr):
+            assert f is not None
+            f.close()
+        code = proc.wait()
+        duration = time.monotonic() - t0
+        if not finished:
+            return ExecResult(None, out.text(), err.text(), True, duration, out.truncated or err.truncated)
+        if code != 0 and err.total < 4096 and b"bwrap:" in bytes(err.head):
+            raise SandboxError(f"sandbox {self.name}: bwrap failed: {err.text().strip()}")
+        return ExecResult(code, out.text(), err.text(), False, duration, out.truncated or err.truncated)
+
+    def _run_raw(self, inner: list[str], stdin: bytes | None, timeout: float = 60.0) -> tuple[int, bytes, bytes]:
+        argv = self._argv(inner, self.cfg.workdir, None)
+        try:
+            p = subprocess.run(argv, input=stdin or b"", capture_output=True, timeout=timeout, start_new_session=True)
+        except subprocess.TimeoutExpired as e:
+            raise SandboxError(f"sandbox {self.name}: file operation timed out after {timeout}s") from e
+        return p.returncode, p.stdout, p.stderr
+
+    # -- files ------------------------------------------------------------------------------------
+    def write_file(self, path: str, data: bytes | str) -> None:
+        target = sandbox_path(self.cfg.workdir, path)
+        payload = data.encode() if isinstance(data, str) else data
+        script = 'mkdir -p "$(dirname "$1")" && cat > "$1"'
+        code, _, err = self._run_raw(["/bin/sh", "-c", script, "sh", target], payload)
+        if code != 0:
+            raise OSError(f"sandbox {self.name}: cannot write {target}: {err.decode(errors='replace').strip()}")
+
+    def read_file(self, path: str) -> bytes:
+        target = sandbox_path(self.cfg.workdir, path)
+        script = 'if [ -d "$1" ]; then echo "is a directory" >&2; exit 21; fi; exec cat -- "$1"'
+        code, out, err = self._run_raw(["/bin/sh", "-c", script, "sh", target], None)
+        if code == 21:
+            raise IsADirectoryError(f"sandbox {self.name}: not a regular file: {target}")
+        if code != 0:
+            msg = err.decode(errors="replace").strip()
+            exc = FileNotFoundError if "No such file" in msg else OSError
+            raise exc(f"sandbox {self.name}: cannot read {target}: {msg}")
+        return out
+
+    def export(self, dest: str | Path) -> Path:
+        """Copy the work directory's contents into ``dest`` (created); symlinks stay links."""
+        if self.host_work is None:
+            raise SandboxError("bwrap sandbox is not started")
+        dest = Path(dest)
+        shutil.copytree(self.host_work, dest, symlinks=True, dirs_exist_ok=True)
+        return dest
+
+
+def _pump_pipes(proc: subprocess.Popen, deadline: float, out: OutputCapture, err: OutputCapture) -> bool:
+    """Read stdout/stderr into the captures until both close; False when the deadline passed first."""
+    sel = selectors.DefaultSelector()
+    for f, cap in ((proc.stdout, out), (proc.stderr, err)):
+        if f is not None and not f.closed:
+            os.set_blocking(f.fileno(), False)
+            sel.register(f, selectors.EVENT_READ, cap)
+    try:
+        while sel.get_map():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            for key, _ in sel.select(min(left, 1.0)):
+                chunk = os.read(key.fd, 1 << 20)
+                if chunk:
+                    key.data.feed(chunk)
+                else:
+                    sel.unregister(key.fileobj)
+        return True
+    finally:
+        sel.close()

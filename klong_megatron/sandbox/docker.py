@@ -1,0 +1,336 @@
+"""Docker sandbox: one long-lived container per sandbox, commands run with ``docker exec``.
+
+Dataflow: start() creates a labelled container (no network, memory/CPU/pids limits, read-only root,
+tmpfs /tmp, a work volume) whose init is a tiny shell loop that reaps orphans. exec() streams the
+command's multiplexed output over the engine socket into bounded captures until it ends or the
+deadline passes. Every command runs under ``REAP_WRAPPER``, so background jobs die when it returns.
+On timeout the container itself is killed (cgroup-wide, escapees included) and started again: files
+in the work volume survive, /tmp and processes do not. A container found dead is restarted once
+and the call retried (logged). ``reap_leftovers`` removes containers of dead owners and of this run.
+
+Limits: the work volume is a Docker named volume (works with remote engines and rootless Docker);
+disk use is not bounded beyond ``max_file_mb`` per file. A sandbox serves one caller at a time.
+"""
+
+from __future__ import annotations
+
+import atexit
+import io
+import logging
+import os
+import re
+import select
+import shlex
+import socket
+import struct
+import tarfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Self
+
+import docker
+from docker.errors import APIError, DockerException, NotFound
+from docker.types import DeviceRequest, Ulimit
+
+from klong_megatron.config.sandbox import SandboxConfig
+from klong_megatron.sandbox._common import (
+    REAP_WRAPPER,
+    OutputCapture,
+    SandboxError,
+    default_run_id,
+    new_sandbox_name,
+    pid_alive,
+    sandbox_path,
+)
+from klong_megatron.sandbox.base import ExecResult
+
+log = logging.getLogger(__name__)
+
+LABEL = "klong.sandbox"
+RUN_LABEL = "klong.run"
+HOST_LABEL = "klong.host"
+PID_LABEL = "klong.pid"
+# PID 1: waits forever and reaps every orphan (dash's wait reaps any child); `kill -1` cannot touch it.
+INIT = ["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 86400 & wait $!; done"]
+
+_reaped_runs: set[str] = set()
+_live: dict[str, DockerSandbox] = {}
+_live_lock = threading.Lock()
+
+
+def _client() -> docker.DockerClient:
+    try:
+        return docker.from_env(timeout=120)
+    except DockerException as e:
+        raise SandboxError(f"cannot reach the Docker engine ({e}); run `tools/docker_engine.sh start`") from e
+
+
+def reap_leftovers(client: docker.DockerClient | None = None, run_id: str | None = None) -> list[str]:
+    """Remove sandbox containers of ``run_id`` and of dead processes on this host; returns their names."""
+    client = client or _client()
+    host = socket.gethostname()
+    removed = []
+    for c in client.containers.list(all=True, filters={"label": LABEL}):
+        labels = c.labels
+        mine = run_id is not None and labels.get(RUN_LABEL) == run_id
+        orphan = labels.get(HOST_LABEL) == host and not pid_alive(int(labels.get(PID_LABEL, "0")) or -1)
+        if (mine or orphan) and c.name not in _live:
+            try:
+                c.remove(force=True, v=True)
+                removed.append(c.name)
+            except NotFound:
+                pass
+    if removed:
+        log.info("reaped %d leftover sandbox container(s): %s", len(removed), ", ".join(removed))
+    return removed
+
+
+def _close_all_at_exit() -> None:
+    with _live_lock:
+        live = list(_live.values())
+    for sb in live:
+        sb.close()
+
+
+atexit.register(_close_all_at_exit)
+
+
+class DockerSandbox:
+    """A container with a writable work volume; see the module docstring for the life cycle."""
+
+    def __init__(self, cfg: SandboxConfig, client: docker.DockerClient | None = None) -> None:
+        self.cfg = cfg
+        self.run_id = cfg.run_id or default_run_id()
+        self.name = new_sandbox_name(self.run_id)
+        self._client = client
+        self._container: Any = None
+        self._oom_kills = 0
+        self._lock = threading.Lock()
+        self._restarter: threading.Thread | None = None
+
+    # -- life cycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._container is not None:
+            return
+        self._client = self._client or _client()
+        if self.run_id not in _reaped_runs:
+            _reaped_runs.add(self.run_id)
+            reap_leftovers(self._client, self.run_id)
+        cfg = self.cfg
+        volumes = {f"{self.name}-work": {"bind": cfg.workdir, "mode": "rw"}}
+        for spec in cfg.ro_binds:
+            host, _, inside = spec.partition(":")
+            volumes[host] = {"bind": inside, "mode": "ro"}
+        fsize = cfg.max_file_mb * 1024 * 1024
+        ulimits = [Ulimit(name="fsize", soft=fsize, hard=fsize)]
+        if cfg.cpu_time_s:
+            ulimits.append(Ulimit(name="cpu", soft=cfg.cpu_time_s, hard=cfg.cpu_time_s))
+        gpus = [DeviceRequest(count=cfg.gpus, capabilities=[["gpu"]])] if cfg.gpus else None
+        with _live_lock:
+            _live[self.name] = self
+        try:
+            self._container = self._client.containers.run(
+                cfg.image,
+                INIT,
+                name=self.name,
+                detach=True,
+                labels={
+                    LABEL: "1",
+                    RUN_LABEL: self.run_id,
+                    HOST_LABEL: socket.gethostname(),
+                    PID_LABEL: str(os.getpid()),
+                },
+                network_mode=cfg.network,
+                mem_limit=f"{cfg.memory_mb}m",
+                memswap_limit=f"{cfg.memory_mb}m",
+                nano_cpus=int(cfg.cpus * 1e9),
+                pids_limit=cfg.pids,
+                read_only=cfg.read_only_root,
+                tmpfs={"/tmp": f"size={cfg.tmp_mb}m,mode=1777"},
+                volumes=volumes,
+                working_dir=cfg.workdir,
+                environment={"HOME": "/tmp", **cfg.env},
+                ulimits=ulimits,
+                device_requests=gpus,
+            )
+        except DockerException as e:
+            self.close()
+            raise SandboxError(f"sandbox {self.name}: cannot start image {cfg.image!r}: {e}") from e
+
+    def close(self) -> None:
+        """Remove the container and its work volume (idempotent)."""
+        with _live_lock:
+            _live.pop(self.name, None)
+        if self._client is None:
+            return
+        self._wait_restart()
+        try:
+            self._client.api.remove_container(self.name, force=True, v=True)
+        except NotFound:
+            pass
+        except DockerException as e:
+            log.warning("sandbox %s: remove failed (%s); the reaper will retry", self.name, e)
+        try:
+            self._client.api.remove_volume(f"{self.name}-work", force=True)
+        except DockerException:
+            pass
+        self._container = None
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _kill_all(self, why: str) -> None:
+        """Kill every process but init from inside; if even that cannot run (pids exhausted), kill the
+        container and start it again in the background (the next call waits for it)."""
+        api = self._client.api
+        try:
+            probe = api.exec_create(self.name, ["/bin/sh", "-c", "for _ in 1 2 3; do kill -KILL -1; done; exit 0"])
+            api.exec_start(probe["Id"])
+            if api.exec_inspect(probe["Id"])["ExitCode"] == 0:
+                log.warning("sandbox %s: %s; killed its processes", self.name, why)
+                return
+        except APIError:
+            pass
+        self._restarter = threading.Thread(target=self._restart, args=(why,), daemon=True)
+        self._restarter.start()
+
+    def _wait_restart(self) -> None:
+        if self._restarter is not None:
+            self._restarter.join()
+            self._restarter = None
+
+    def _restart(self, why: str) -> None:
+        log.warning("sandbox %s: %s; restarting the container (work dir kept)", self.name, why)
+        api = self._client.api
+        try:
+            api.kill(self.name)
+        except APIError:
+            pass  # already stopped
+        api.start(self.name)
+
+    # -- commands ---------------------------------------------------------------------------------
+    def exec(
+        self, cmd: str, *, timeout: float, cwd: str | None = None, env: dict[str, str] | None = None
+    ) -> ExecResult:
+        if self._container is None:
+            raise SandboxError(f"sandbox {self.name} is not started")
+        with self._lock:
+            self._wait_restart()
+            try:
+                return self._exec(cmd, timeout, cwd, env)
+            except (APIError, OSError) as e:
+                if self._running():
+                    raise
+                self._restart(f"container found dead ({e})")
+                return self._exec(cmd, timeout, cwd, env)
+
+    def _running(self) -> bool:
+        try:
+            return self._client.api.inspect_container(self.name)["State"]["Running"]
+        except NotFound as e:
+            raise SandboxError(f"sandbox {self.name}: container was removed from outside") from e
+
+    def _exec(self, cmd: str, timeout: float, cwd: str | None, env: dict[str, str] | None) -> ExecResult:
+        api = self._client.api
+        t0 = time.monotonic()
+        exec_id = api.exec_create(
+            self.name,
+            ["/bin/sh", "-c", REAP_WRAPPER, "sh", cmd],
+            workdir=sandbox_path(self.cfg.workdir, cwd) if cwd else self.cfg.workdir,
+            environment=env or None,
+        )["Id"]
+        sock = api.exec_start(exec_id, socket=True)
+        out, err = OutputCapture(self.cfg.max_output_bytes), OutputCapture(self.cfg.max_output_bytes)
+        try:
+            finished = _pump_frames(sock, t0 + timeout, out, err)
+        finally:
+            sock.close()
+        if not finished:
+            self._kill_all(f"command timed out after {timeout:.1f}s")
+            return ExecResult(None, out.text(), err.text(), True, time.monotonic() - t0, out.truncated or err.truncated)
+        code = api.exec_inspect(exec_id)["ExitCode"]
+        oom = code == 137 and self._new_oom_kill()
+        return ExecResult(
+            code, out.text(), err.text(), False, time.monotonic() - t0, out.truncated or err.truncated, oom_killed=oom
+        )
+
+    def _new_oom_kill(self) -> bool:
+        """True when the container's memory cgroup counted a new OOM kill (cgroup v1 or v2)."""
+        probe = "cat /sys/fs/cgroup/memory/memory.oom_control /sys/fs/cgroup/memory.events 2>/dev/null"
+        out = self._client.api.exec_start(self._client.api.exec_create(self.name, ["/bin/sh", "-c", probe])["Id"])
+        m = re.search(rb"oom_kill (\d+)", out)
+        count = int(m.group(1)) if m else 0
+        new, self._oom_kills = count > self._oom_kills, count
+        return new
+
+    # -- files ------------------------------------------------------------------------------------
+    def write_file(self, path: str, data: bytes | str) -> None:
+        target = sandbox_path(self.cfg.workdir, path)
+        payload = data.encode() if isinstance(data, str) else data
+        parent = os.path.dirname(target)
+        res = self.exec(f"mkdir -p {shlex.quote(parent)}", timeout=30)
+        if res.exit_code != 0:
+            raise OSError(f"sandbox {self.name}: cannot create {parent}: {res.stderr.strip()}")
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            info = tarfile.TarInfo(os.path.basename(target))
+            info.size, info.mode, info.mtime = len(payload), 0o644, int(time.time())
+            tar.addfile(info, io.BytesIO(payload))
+        try:
+            self._client.api.put_archive(self.name, parent, buf.getvalue())
+        except APIError as e:
+            raise OSError(f"sandbox {self.name}: cannot write {target}: {e.explanation}") from e
+
+    def read_file(self, path: str) -> bytes:
+        target = sandbox_path(self.cfg.workdir, path)
+        self._wait_restart()
+        try:
+            stream, stat = self._client.api.get_archive(self.name, target)
+        except NotFound as e:
+            raise FileNotFoundError(f"sandbox {self.name}: no such file: {target}") from e
+        data = b"".join(stream)
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            member = tar.next()
+            if member is None or not member.isfile():
+                raise IsADirectoryError(f"sandbox {self.name}: not a regular file: {target}")
+            f = tar.extractfile(member)
+            assert f is not None
+            return f.read()
+
+    def export(self, dest: str | Path) -> Path:
+        """Copy the work directory's contents into ``dest`` (created); symlinks stay links."""
+        dest = Path(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        self._wait_restart()
+        stream, _ = self._client.api.get_archive(self.name, self.cfg.workdir.rstrip("/") + "/.")
+        with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+            tar.extractall(dest, filter="data")
+        return dest
+
+
+def _pump_frames(sock: Any, deadline: float, out: OutputCapture, err: OutputCapture) -> bool:
+    """Demultiplex Docker's 8-byte-header frames into the captures; False when the deadline passed."""
+    buf = bytearray()
+    raw = getattr(sock, "_sock", sock)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        ready, _, _ = select.select([raw], [], [], min(left, 1.0))
+        if not ready:
+            continue
+        chunk = raw.recv(1 << 20)
+        if not chunk:
+            return True
+        buf += chunk
+        while len(buf) >= 8:
+            kind, size = struct.unpack(">BxxxL", buf[:8])
+            if len(buf) < 8 + size:
+                break
+            (err if kind == 2 else out).feed(bytes(buf[8 : 8 + size]))
+            del buf[: 8 + size]

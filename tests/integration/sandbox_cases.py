@@ -1,0 +1,54 @@
+"""Shared helpers of the sandbox tests: one parametrization over both backends, small limits."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from klong_megatron.config.sandbox import SandboxConfig
+from klong_megatron.sandbox import make_sandbox
+from klong_megatron.sandbox.base import Sandbox
+
+# Every container/work dir of this test process carries this run id, so the leftovers check is exact.
+RUN_ID = f"pytest-{os.getpid()}"
+BACKENDS = [pytest.param("docker", marks=pytest.mark.docker), pytest.param("bwrap", marks=pytest.mark.bwrap)]
+
+
+def small_config(backend: str, **over: object) -> SandboxConfig:
+    """Limits small enough that adversarial commands cannot hurt a 2-core, 24 GiB machine."""
+    kw: dict[str, object] = dict(
+        backend=backend, memory_mb=256, cpus=1.0, pids=64, max_output_bytes=64_000, tmp_mb=64, run_id=RUN_ID
+    )
+    kw.update(over)
+    return SandboxConfig(**kw)  # type: ignore[arg-type]
+
+
+def started(backend: str, **over: object) -> Sandbox:
+    sb = make_sandbox(small_config(backend, **over))
+    sb.start()
+    return sb
+
+
+def host_processes_with(marker: str) -> list[str]:
+    """Command lines of host processes containing ``marker`` (containers' processes included)."""
+    found = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or int(p.name) == os.getpid():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmd:
+            found.append(f"{p.name}: {cmd}")
+    return found
+
+
+def wait_until_gone(marker: str, within_s: float = 3.0) -> list[str]:
+    deadline = time.monotonic() + within_s
+    while (left := host_processes_with(marker)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
