@@ -137,3 +137,15 @@ def format_glm45(name: str, arguments: dict) -> str:
         for k, v in arguments.items()
     )
     return f"{OPEN}{name}\n{args}{CLOSE}"
+
+
+def tools_prompt(schemas: list[dict], fmt: str = "hermes") -> str:
+    """Tool descriptions + calling convention, for the system prompt (what Qwen/GLM templates add
+    when given ``tools=``; our Renderer renders plain messages, so tasks put this text in)."""
+    listing = "\n".join(json.dumps(s, ensure_ascii=False) for s in schemas)
+    example = format_hermes("name", {"arg": "value"}) if fmt == "hermes" else format_glm45("name", {"arg": "value"})
+    return (
+        "# Tools\n\nYou may call one or more functions to assist with the task. "
+        f"Function signatures:\n<tools>\n{listing}\n</tools>\n\n"
+        f"For each function call, write:\n{example}"
+    )
