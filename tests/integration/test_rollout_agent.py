@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from rollout_doubles import ScriptedEngine
 
 from klong_megatron.config.data import ContextPolicyConfig
 from klong_megatron.config.rollout import DevServerConfig, RolloutConfig, SamplingConfig
@@ -24,7 +25,6 @@ from klong_megatron.rollout.store import TrajectoryStore
 from klong_megatron.rollout.toolcalls import format_glm45, format_hermes, tools_prompt
 from klong_megatron.sandbox.pool import SandboxPool
 from klong_megatron.sandbox.tools import ToolSet
-from rollout_doubles import ScriptedEngine
 
 TOK = load_tokenizer("byte")
 RENDERER = Renderer(TOK)
