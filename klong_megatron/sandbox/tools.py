@@ -139,7 +139,8 @@ class ToolSet:
         for key, value in args.items():
             want = props[key]["type"]
             if not isinstance(value, py_types[want]) or isinstance(value, bool):
-                raise ToolError(f"argument {key!r} of {name} must be a {want}, got {json.dumps(value)[:40]}")
+                article = "an" if want[0] in "aeiou" else "a"
+                raise ToolError(f"argument {key!r} of {name} must be {article} {want}, got {json.dumps(value)[:40]}")
         return args
 
     def _guard(self, tool: str, command: str) -> Observation | None:

@@ -52,3 +52,14 @@ def wait_until_gone(marker: str, within_s: float = 3.0) -> list[str]:
     while (left := host_processes_with(marker)) and time.monotonic() < deadline:
         time.sleep(0.1)
     return left
+
+
+def resource_ok(name: str) -> bool:
+    """True when the docker engine answers (the only resource the leftovers check needs to ask about)."""
+    assert name == "docker"
+    try:
+        import docker
+
+        return bool(docker.from_env(timeout=5).ping())
+    except Exception:  # engine absent or down: nothing of ours can remain in it
+        return False
