@@ -52,6 +52,11 @@ def keyword_responder(body: dict[str, Any]) -> Reply | str:
     return json.dumps({"explanation": f"scripted by the test double: {s}", "score": s})
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # the default backlog of 5 refuses bursts of concurrent clients
+    daemon_threads = True
+
+
 class OpenAIJudgeDouble:
     """Test double server; ``with OpenAIJudgeDouble(responder) as srv: ... srv.url``."""
 
@@ -82,6 +87,7 @@ class OpenAIJudgeDouble:
 
             def setup(self) -> None:
                 super().setup()
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no 40 ms ACK stalls
                 with double._lock:
                     double._conns.add(self.connection)
 
@@ -134,8 +140,7 @@ class OpenAIJudgeDouble:
                 }
                 self._send(200, json.dumps(out).encode())
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), Handler)
         threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
         return self
 
