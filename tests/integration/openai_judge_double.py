@@ -60,7 +60,10 @@ class _Server(ThreadingHTTPServer):
 class OpenAIJudgeDouble:
     """Test double server; ``with OpenAIJudgeDouble(responder) as srv: ... srv.url``."""
 
-    def __init__(self, responder: Responder = keyword_responder, *, delay_s: float = 0.0, record: bool = True):
+    def __init__(
+        self, responder: Responder = keyword_responder, *, delay_s: float = 0.0, record: bool = True, port: int = 0
+    ):
+        self.port = port
         self.responder = responder
         self.delay_s = delay_s
         self.record = record
@@ -140,7 +143,7 @@ class OpenAIJudgeDouble:
                 }
                 self._send(200, json.dumps(out).encode())
 
-        self._server = _Server(("127.0.0.1", 0), Handler)
+        self._server = _Server(("127.0.0.1", self.port), Handler)
         threading.Thread(target=self._server.serve_forever, args=(0.05,), daemon=True).start()
         return self
 
