@@ -1,7 +1,8 @@
 """slurm/judge_server.sbatch: starts the server, waits for /health, publishes the URL, stops it on exit.
 
 SGLang needs GPUs, so a test-double ``sglang.launch_server`` module (serving the OpenAI-compatible test
-double on the requested port) stands in for it; the script itself runs unchanged (under bash; its #SBATCH header asks for GPUs a CPU Slurm node lacks).
+double on the requested port) stands in for it. The script itself runs unchanged, under bash (its
+#SBATCH header asks for GPUs, which a CPU-only Slurm node cannot give).
 """
 
 from __future__ import annotations
