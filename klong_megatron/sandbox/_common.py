@@ -82,3 +82,12 @@ def sandbox_path(workdir: str, path: str) -> str:
     if "\0" in path:
         raise ValueError(f"path contains a NUL byte: {path!r}")
     return os.path.normpath(path if path.startswith("/") else os.path.join(workdir, path))
+
+
+def writable_path(workdir: str, path: str) -> str:
+    """``sandbox_path`` for writes, which the contract allows only under the work directory."""
+    target = sandbox_path(workdir, path)
+    root = workdir.rstrip("/")
+    if not target.startswith(root + "/"):
+        raise PermissionError(f"write_file writes only under {root}; got {path!r}")
+    return target

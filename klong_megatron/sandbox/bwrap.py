@@ -16,6 +16,7 @@ one command. The host's /usr is the sandbox's system (``image`` is ignored).
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import os
@@ -30,7 +31,14 @@ from pathlib import Path
 from typing import Self
 
 from klong_megatron.config.sandbox import SandboxConfig
-from klong_megatron.sandbox._common import OutputCapture, SandboxError, default_run_id, pid_alive, sandbox_path
+from klong_megatron.sandbox._common import (
+    OutputCapture,
+    SandboxError,
+    default_run_id,
+    pid_alive,
+    sandbox_path,
+    writable_path,
+)
 from klong_megatron.sandbox.base import ExecResult
 
 log = logging.getLogger(__name__)
@@ -53,6 +61,13 @@ PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 UID_BASE = 200_000
 _uids = itertools.count()
 _DIR_RE = re.compile(r"^klong-sbx-(\d+)-")
+_live: dict[int, BwrapSandbox] = {}
+
+
+@atexit.register
+def _close_all_at_exit() -> None:
+    for sb in list(_live.values()):
+        sb.close()
 
 
 def reap_leftovers(host_dir: str | None = None) -> list[str]:
@@ -87,11 +102,13 @@ class BwrapSandbox:
         reap_leftovers(self.cfg.host_dir)
         self.host_work = Path(tempfile.mkdtemp(prefix=f"klong-sbx-{os.getpid()}-", dir=self.cfg.host_dir))
         self.name = self.host_work.name
+        _live[id(self)] = self
         if os.geteuid() == 0:
             self.uid = UID_BASE + (os.getpid() * 97 + next(_uids)) % 100_000
             os.chown(self.host_work, self.uid, self.uid)
 
     def close(self) -> None:
+        _live.pop(id(self), None)
         if self.host_work is not None:
             shutil.rmtree(self.host_work, ignore_errors=True)
             self.host_work = None
@@ -174,7 +191,7 @@ class BwrapSandbox:
 
     # -- files ------------------------------------------------------------------------------------
     def write_file(self, path: str, data: bytes | str) -> None:
-        target = sandbox_path(self.cfg.workdir, path)
+        target = writable_path(self.cfg.workdir, path)
         payload = data.encode() if isinstance(data, str) else data
         script = 'mkdir -p "$(dirname "$1")" && cat > "$1"'
         code, _, err = self._run_raw(["/bin/sh", "-c", script, "sh", target], payload)

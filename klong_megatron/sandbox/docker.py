@@ -4,9 +4,12 @@ Dataflow: start() creates a labelled container (no network, memory/CPU/pids limi
 tmpfs /tmp, a work volume) whose init is a tiny shell loop that reaps orphans. exec() streams the
 command's multiplexed output over the engine socket into bounded captures until it ends or the
 deadline passes. Every command runs under ``REAP_WRAPPER``, so background jobs die when it returns.
-On timeout the container itself is killed (cgroup-wide, escapees included) and started again: files
-in the work volume survive, /tmp and processes do not. A container found dead is restarted once
-and the call retried (logged). ``reap_leftovers`` removes containers of dead owners and of this run.
+On timeout every process but init is killed from a fresh exec; when even that cannot run (pids
+exhausted) the container itself is killed and started again in the background: files in the work
+volume survive, /tmp does not. A container found dead is restarted once
+and the call retried (logged). Containers carry labels (run id, host, pid): the first start in a
+process removes those whose creating process is gone (``reap_leftovers``), and an exit hook removes
+this process's own; ``docker ps -f label=klong.run=<run_id>`` lists a run's sandboxes.
 
 Limits: the work volume is a Docker named volume (works with remote engines and rootless Docker);
 disk use is not bounded beyond ``max_file_mb`` per file. A sandbox serves one caller at a time.
@@ -42,6 +45,7 @@ from klong_megatron.sandbox._common import (
     new_sandbox_name,
     pid_alive,
     sandbox_path,
+    writable_path,
 )
 from klong_megatron.sandbox.base import ExecResult
 
@@ -54,7 +58,7 @@ PID_LABEL = "klong.pid"
 # PID 1: waits forever and reaps every orphan (dash's wait reaps any child); `kill -1` cannot touch it.
 INIT = ["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 86400 & wait $!; done"]
 
-_reaped_runs: set[str] = set()
+_reaped_once: list[bool] = []  # the first start in a process sweeps leftovers of dead processes
 _live: dict[str, DockerSandbox] = {}
 _live_lock = threading.Lock()
 
@@ -67,20 +71,25 @@ def _client() -> docker.DockerClient:
 
 
 def reap_leftovers(client: docker.DockerClient | None = None, run_id: str | None = None) -> list[str]:
-    """Remove sandbox containers of ``run_id`` and of dead processes on this host; returns their names."""
+    """Remove sandbox containers (and work volumes) whose creating process on this host is gone.
+
+    ``run_id`` limits the sweep to one run's containers (None: every run). Containers of live
+    processes are never touched, so concurrent jobs sharing an engine are safe. Returns the names.
+    """
     client = client or _client()
     host = socket.gethostname()
     removed = []
-    for c in client.containers.list(all=True, filters={"label": LABEL}):
+    filters = {"label": [LABEL] + ([f"{RUN_LABEL}={run_id}"] if run_id else [])}
+    for c in client.containers.list(all=True, filters=filters):
         labels = c.labels
-        mine = run_id is not None and labels.get(RUN_LABEL) == run_id
-        orphan = labels.get(HOST_LABEL) == host and not pid_alive(int(labels.get(PID_LABEL, "0")) or -1)
-        if (mine or orphan) and c.name not in _live:
+        owner_gone = labels.get(HOST_LABEL) == host and not pid_alive(int(labels.get(PID_LABEL, "0")) or -1)
+        if owner_gone and c.name not in _live:
             try:
                 c.remove(force=True, v=True)
-                removed.append(c.name)
+                client.api.remove_volume(f"{c.name}-work", force=True)
             except NotFound:
                 pass
+            removed.append(c.name)
     if removed:
         log.info("reaped %d leftover sandbox container(s): %s", len(removed), ", ".join(removed))
     return removed
@@ -114,9 +123,9 @@ class DockerSandbox:
         if self._container is not None:
             return
         self._client = self._client or _client()
-        if self.run_id not in _reaped_runs:
-            _reaped_runs.add(self.run_id)
-            reap_leftovers(self._client, self.run_id)
+        if not _reaped_once:
+            _reaped_once.append(True)
+            reap_leftovers(self._client)
         cfg = self.cfg
         volumes = {f"{self.name}-work": {"bind": cfg.workdir, "mode": "rw"}}
         for spec in cfg.ro_binds:
@@ -270,7 +279,7 @@ class DockerSandbox:
 
     # -- files ------------------------------------------------------------------------------------
     def write_file(self, path: str, data: bytes | str) -> None:
-        target = sandbox_path(self.cfg.workdir, path)
+        target = writable_path(self.cfg.workdir, path)
         payload = data.encode() if isinstance(data, str) else data
         parent = os.path.dirname(target)
         res = self.exec(f"mkdir -p {shlex.quote(parent)}", timeout=30)

@@ -49,6 +49,12 @@ def test_files_round_trip_between_host_api_and_commands(sb: Sandbox) -> None:
     assert sb.exec("cat made.txt", timeout=10).stdout == "overwritten\n"
 
 
+def test_write_file_outside_the_work_dir_is_refused_with_the_path(sb: Sandbox) -> None:
+    for path in ("/etc/evil.conf", "../escape.txt", "/tmp/x.txt"):
+        with pytest.raises(PermissionError, match="only under /workspace"):
+            sb.write_file(path, "x")
+
+
 def test_reading_a_missing_file_raises_file_not_found(sb: Sandbox) -> None:
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         sb.read_file("nope.txt")
