@@ -1,0 +1,19 @@
+"""Multi-rank RL loss under torchrun (2 processes, gloo): TP=2 vocab-parallel log-probs and DP=2
+global token normalisation (the checks themselves are in rl_loss_dist_worker.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+WORKER = Path(__file__).with_name("rl_loss_dist_worker.py")
+
+
+def test_tp2_vocab_parallel_logprobs_and_dp2_token_normalisation_match_single_process() -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-6000:]
+    for phase in ("TP OK", "DP OK"):
+        assert sum(line.endswith(phase) for line in out.stdout.splitlines()) == 2, log[-6000:]
