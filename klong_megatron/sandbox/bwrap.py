@@ -177,7 +177,7 @@ class BwrapSandbox:
         duration = time.monotonic() - t0
         if not finished:
             return ExecResult(None, out.text(), err.text(), True, duration, out.truncated or err.truncated)
-        if code != 0 and err.total < 4096 and b"bwrap:" in bytes(err.head):
+        if code != 0 and bytes(err.head).startswith(b"bwrap: "):  # bwrap's own setup error, not the command's
             raise SandboxError(f"sandbox {self.name}: bwrap failed: {err.text().strip()}")
         return ExecResult(code, out.text(), err.text(), False, duration, out.truncated or err.truncated)
 

@@ -79,8 +79,10 @@ class ToolSet:
     blacklist: Blacklist | None = None
     clock: Callable[[], float] = time.monotonic
     start_time: float | None = None
-    steps: int = 0
-    violations: list[Violation] = field(default_factory=list)
+    steps: int = field(default=0, init=False)
+    """Tool calls so far (the reminder counts these)."""
+    violations: list[Violation] = field(default_factory=list, init=False)
+    """Refused blacklisted fetches, for the rollout's metadata and the monitor."""
 
     def __post_init__(self) -> None:
         if self.start_time is None:
