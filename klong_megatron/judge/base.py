@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from klong_megatron.judge.rubric import TaskNode
@@ -71,8 +70,3 @@ class LeafGrader(Protocol):
     async def grade(self, task: GradingTask, leaves: Sequence[TaskNode]) -> list[LeafGrade]:
         """One grade per leaf, in order; failures come back as invalid grades, not exceptions."""
         ...
-
-
-def read_text(path: Path, default: str = "") -> str:
-    """A text file's content, or ``default`` when it does not exist."""
-    return path.read_text(errors="replace") if path.is_file() else default
