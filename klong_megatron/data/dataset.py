@@ -130,7 +130,7 @@ def build_windows(
     for traj in track(trajs, description="render+split", disable=not progress, transient=True):
         rt = renderer.render(traj)
         windows = split_trajectory(rt, policy)
-        stats.add(rt, windows, cfg.policy.max_len)
+        stats.add(rt, windows)
         if not held_out_by_file and _is_valid(traj.id, cfg.valid_fraction, cfg.seed):
             valid += windows
         else:

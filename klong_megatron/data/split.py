@@ -47,9 +47,9 @@ class SplitStats:
     trained_tokens: int = 0
     elided_tokens: int = 0
     lower_bound_tokens: int = 0
-    """rendering + one extra prefix per extra window of the fewest possible windows"""
+    """every token the windows show processed once, plus the prefix once more per extra window"""
 
-    def add(self, rt: RenderedTrajectory, windows: list[Window], max_len: int) -> None:
+    def add(self, rt: RenderedTrajectory, windows: list[Window]) -> None:
         self.trajectories += 1
         self.windows += len(windows)
         self.tokens_total += len(rt.input_ids)
@@ -57,10 +57,9 @@ class SplitStats:
         self.window_tokens += sum(len(w) for w in windows)
         self.trained_tokens += sum(int(w.loss_mask.sum()) for w in windows)
         self.elided_tokens += sum(w.elided for w in windows)
-        prefix = windows[0].prefix_len if windows else 0
-        body = len(rt.input_ids) - prefix
-        fewest = max(1, -(-body // max(1, max_len - prefix)))
-        self.lower_bound_tokens += len(rt.input_ids) + (fewest - 1) * prefix
+        if windows:
+            seen = np.unique(np.concatenate([w.positions[w.positions >= 0] for w in windows]))
+            self.lower_bound_tokens += len(seen) + (len(windows) - 1) * windows[0].prefix_len
 
     @property
     def redundancy(self) -> float:
@@ -79,5 +78,5 @@ def split_all(
     for rt in rendered:
         windows = split_trajectory(rt, policy)
         if stats is not None:
-            stats.add(rt, windows, policy.cfg.max_len)
+            stats.add(rt, windows)
         yield from windows
