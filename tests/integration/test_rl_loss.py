@@ -7,11 +7,14 @@ Multi-rank behaviour (TP=2 vocab-parallel log-probs, DP=2 global token normalisa
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
 from rl_tiny import MODEL, SEQ, logits_of, reference_loss, rl_batch
 
 from klong_megatron.config.grpo import GRPOConfig
@@ -28,12 +31,12 @@ def _megatron():
     destroy_distributed()
 
 
-def _model(seed: int = 7):
+def _model(seed: int = 7, *, tied: bool = False, bf16: bool = False):
     set_seed(seed)
-    model = build_gpt(MODEL)
+    model = build_gpt(dataclasses.replace(MODEL, untie_embeddings=not tied), bf16=bf16)
     model.config.calculate_per_token_loss = True
     model.config.finalize_model_grads_func = finalize_model_grads
-    return model
+    return Float16Module(model.config, model) if bf16 else model
 
 
 def _logprobs(model, batches: list[dict], chunk_size: int = 5) -> list[torch.Tensor]:
@@ -50,18 +53,20 @@ def _logprobs(model, batches: list[dict], chunk_size: int = 5) -> list[torch.Ten
     return [o["logprobs"] for o in out]
 
 
-def test_logprobs_from_hidden_states_equal_log_softmax_of_the_model_logits() -> None:
-    model = _model()
+@pytest.mark.parametrize(("tied", "bf16", "tol"), [(False, False, 1e-5), (True, False, 1e-5), (False, True, 2e-2)])
+def test_logprobs_from_hidden_states_equal_log_softmax_of_the_model_logits(tied, bf16, tol) -> None:
+    model = _model(tied=tied, bf16=bf16)
     batch = rl_batch(3, seed=0)
     (got,) = _logprobs(model, [batch])
     with torch.no_grad():
         want = torch.log_softmax(logits_of(model, batch), -1).gather(-1, batch["labels"].unsqueeze(-1)).squeeze(-1)
-    assert got.shape == (3, SEQ)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert got.shape == (3, SEQ) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
-def test_rl_loss_gradients_equal_the_full_logits_reference() -> None:
-    model = _model()
+@pytest.mark.parametrize("tied", [False, True])
+def test_rl_loss_gradients_equal_the_full_logits_reference(tied) -> None:
+    model = _model(tied=tied)
     batch = rl_batch(4, seed=1)
     (current,) = _logprobs(model, [batch])
     g = torch.Generator().manual_seed(3)
