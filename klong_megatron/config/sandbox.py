@@ -71,7 +71,8 @@ class SandboxConfig:
     env: dict[str, str] = field(default_factory=dict)
     """Extra environment for every command."""
     ro_binds: list[str] = field(default_factory=list)
-    """host_path:sandbox_path pairs mounted read-only (e.g. the paper the agent reproduces)."""
+    """host_path:sandbox_path pairs mounted read-only (e.g. the paper the agent reproduces). bwrap as
+    root runs under an unprivileged uid: the host path must be world-readable (and its parents searchable)."""
     run_id: str = ""
     """Label of this run's containers/work dirs (reaped at start and exit); empty: host + pid."""
     host_dir: str | None = None

@@ -187,6 +187,8 @@ class BwrapSandbox:
             p = subprocess.run(argv, input=stdin or b"", capture_output=True, timeout=timeout, start_new_session=True)
         except subprocess.TimeoutExpired as e:
             raise SandboxError(f"sandbox {self.name}: file operation timed out after {timeout}s") from e
+        if p.returncode != 0 and p.stderr.startswith(b"bwrap: "):
+            raise SandboxError(f"sandbox {self.name}: bwrap failed: {p.stderr.decode(errors='replace').strip()}")
         return p.returncode, p.stdout, p.stderr
 
     # -- files ------------------------------------------------------------------------------------

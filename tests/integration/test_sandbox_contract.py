@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
@@ -141,3 +142,24 @@ def test_docker_container_killed_from_outside_is_restarted_and_the_call_retried(
         assert (res.exit_code, res.stdout) == (0, "kept")
     finally:
         box.close()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ro_binds_are_readable_but_not_writable(backend: str) -> None:
+    with tempfile.TemporaryDirectory(prefix="paper-") as d:  # world-readable parents: bwrap's uid must see it
+        paper = Path(d)
+        paper.chmod(0o755)
+        (paper / "paper.md").write_text("# The paper")
+        with started(backend, ro_binds=[f"{paper}:/home/paper"]) as box:
+            assert box.read_file("/home/paper/paper.md") == b"# The paper"
+            res = box.exec("echo edit >> /home/paper/paper.md", timeout=10)
+            assert res.exit_code != 0 and ("Read-only file system" in res.stderr or "Permission denied" in res.stderr)
+        assert (paper / "paper.md").read_text() == "# The paper"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_writable_root_when_read_only_root_is_off(backend: str) -> None:
+    with started(backend, read_only_root=False) as box:
+        res = box.exec("touch /scratch && ls /scratch", timeout=10)
+        assert (res.exit_code, res.stdout) == (0, "/scratch\n"), res
+    assert not Path("/scratch").exists()
