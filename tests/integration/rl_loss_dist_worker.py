@@ -5,6 +5,8 @@ entropy, gradients), and the RL loss of a TP=2 tiny GPT matches the gathered-ful
 DP phase (dp=2): ranks hold micro-batches with different trained-token counts; after Megatron's
 schedule + finalize_model_grads every rank's gradient equals the single-process gradient of
 (sum of per-token losses of ALL micro-batches of both ranks) / (global trained-token count).
+PP phase (pp=2): through Megatron's pipeline schedule, every stage's gradients from the hidden-state
+RL loss equal those from the model's own output layer (full logits) with the same loss.
 """
 
 from __future__ import annotations
@@ -134,10 +136,58 @@ def dp_phase() -> None:
     loss.backward()
     for (n, p), (_, q) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
         close(p.main_grad, q.grad, f"DP grad {n}", tol=1e-4)
+    parallel_state.destroy_model_parallel()
     print(f"rank {dist.get_rank()}: DP OK", flush=True)
+
+
+def _reference_step(data_iterator, model):
+    """Megatron forward step through the model's own output layer (full logits on the last stage)."""
+    b = next(data_iterator)
+    out = model(b["tokens"], b["position_ids"], b["attention_mask"])
+
+    def loss_func(logits):
+        loss_sum = reference_loss(logits.float(), b, num_tokens=1.0, **reference_kw(b))
+        return loss_sum, b["loss_mask"].sum().to(torch.int), {}
+
+    return out, loss_func
+
+
+def pp_phase() -> None:
+    init_distributed(ParallelConfig(pp=2), seed=13)
+    set_seed(13)
+    model = build_gpt(MODEL, parallel=ParallelConfig(pp=2))  # this rank's stage
+    model.config.calculate_per_token_loss = True
+    last = parallel_state.is_pipeline_last_stage()
+    batches = [rl_batch(2, seed=20 + i) for i in range(3)]
+    g = torch.Generator().manual_seed(4)
+    for b in batches:  # old log-probs need not be on-policy here: both paths see the same ones
+        b["old_logprobs"] = -3.0 + 0.5 * torch.randn(b["labels"].shape, generator=g)
+        b["ref_logprobs"] = b["old_logprobs"] + 0.1 * torch.randn(b["labels"].shape, generator=g)
+        b["rollout_logprobs"] = b["old_logprobs"] + 0.4 * torch.randn(b["labels"].shape, generator=g)
+
+    def grads(step) -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        get_forward_backward_func()(
+            forward_step_func=step,
+            data_iterator=iter(batches),
+            model=[model],
+            num_microbatches=len(batches),
+            seq_length=SEQ,
+            micro_batch_size=2,
+            forward_only=False,
+        )
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    got, want = grads(make_rl_forward_step(ALGO)), grads(_reference_step)
+    assert set(got) == set(want) and (any("output_layer" in n for n in got) == last)
+    for n in got:
+        close(got[n], want[n], f"PP stage grad {n}", tol=1e-4)
+    parallel_state.destroy_model_parallel()
+    print(f"rank {dist.get_rank()}: PP OK", flush=True)
 
 
 if __name__ == "__main__":
     tp_phase()
     dp_phase()
+    pp_phase()
     destroy_distributed()
