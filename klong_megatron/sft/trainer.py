@@ -94,6 +94,8 @@ class SFTTrainer:
         self.state = ckpt.TrainState()
         self.logger: MetricsLogger | None = None
         self.last_metrics: dict[str, float] = {}
+        self.loss_history: list[float] = []
+        """Training loss of every step run by this process."""
         self._batch_ids: list[list[str]] = []
 
     # ----- setup -------------------------------------------------------------------------------
@@ -247,6 +249,7 @@ class SFTTrainer:
             while self.state.step < t.train_steps:
                 metrics = self.train_step()
                 steps_here += 1
+                self.loss_history.append(metrics["loss"])
                 step = self.state.step
                 if step % t.log_every == 0 or step == t.train_steps:
                     self.logger.log(step, metrics)
@@ -268,4 +271,10 @@ class SFTTrainer:
         finally:
             stop.restore()
         self._log_info(f"run ended at step {self.state.step}: {ended}")
-        return {"state": asdict(self.state), "metrics": self.last_metrics, "ended": ended, "signal": stop.signum}
+        return {
+            "state": asdict(self.state),
+            "metrics": self.last_metrics,
+            "losses": self.loss_history,
+            "ended": ended,
+            "signal": stop.signum,
+        }

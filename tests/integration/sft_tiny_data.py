@@ -29,7 +29,7 @@ class TinyPackedDataset:
             mask[cut : cut + 4] = 0
             mask[cut - 1] = 0  # the last label of a window would predict the next window's first token
             if poison is not None and i == poison:
-                tokens[:] = 0  # a marker the NaN test looks for
+                mask[seq_len - 2] = float("nan")  # a corrupt sample: its loss is NaN
             self.items.append(
                 {
                     "tokens": tokens[:-1].clone(),
