@@ -26,8 +26,12 @@ class DevServerConfig:
     max_context: int = 4096
     """Context length of the "tiny" model."""
     seed: int = 0
+    threads: int = 0
+    """torch CPU threads; 0 keeps torch's default (use 1 when several servers share a CPU)."""
 
     def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
