@@ -256,7 +256,7 @@ class DockerSandbox:
         sock = api.exec_start(exec_id, socket=True)
         out, err = OutputCapture(self.cfg.max_output_bytes), OutputCapture(self.cfg.max_output_bytes)
         try:
-            finished = _pump_frames(sock, t0 + timeout, out, err)
+            finished = _pump_frames(sock, t0 + timeout, out, err, _buffered_bytes(sock))
         finally:
             sock.close()
         if not finished:
@@ -322,24 +322,42 @@ class DockerSandbox:
         return dest
 
 
-def _pump_frames(sock: Any, deadline: float, out: OutputCapture, err: OutputCapture) -> bool:
+def _buffered_bytes(sock: Any) -> bytes:
+    """Stream bytes that the HTTP client read ahead together with the upgrade response's headers.
+
+    The hijacked socket sits under a buffered reader; a fast command's first frames can already be in
+    that buffer (seen under load), and reading the raw socket alone would lose them.
+    """
+    raw = getattr(sock, "_sock", sock)
+    raw.setblocking(False)
+    try:
+        reader = sock._response.raw._fp.fp
+        return (reader.read1(1 << 20) or b"") if reader is not None else b""
+    except (AttributeError, BlockingIOError, ValueError):
+        return b""
+
+
+def _pump_frames(sock: Any, deadline: float, out: OutputCapture, err: OutputCapture, initial: bytes = b"") -> bool:
     """Demultiplex Docker's 8-byte-header frames into the captures; False when the deadline passed."""
-    buf = bytearray()
+    buf = bytearray(initial)
     raw = getattr(sock, "_sock", sock)
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
             return False
-        ready, _, _ = select.select([raw], [], [], min(left, 1.0))
-        if not ready:
-            continue
-        chunk = raw.recv(1 << 20)
-        if not chunk:
-            return True
-        buf += chunk
         while len(buf) >= 8:
             kind, size = struct.unpack(">BxxxL", buf[:8])
             if len(buf) < 8 + size:
                 break
             (err if kind == 2 else out).feed(bytes(buf[8 : 8 + size]))
             del buf[: 8 + size]
+        ready, _, _ = select.select([raw], [], [], min(left, 1.0))
+        if not ready:
+            continue
+        try:
+            chunk = raw.recv(1 << 20)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            return True
+        buf += chunk

@@ -32,6 +32,11 @@ def test_exec_separates_stdout_stderr_and_exit_code(sb: Sandbox) -> None:
     assert not res.timed_out and not res.truncated and res.duration_s > 0
 
 
+def test_fast_commands_never_lose_output(sb: Sandbox) -> None:
+    results = [sb.exec(f"echo {i}; echo e{i} >&2", timeout=10) for i in range(40)]
+    assert [(r.stdout, r.stderr) for r in results] == [(f"{i}\n", f"e{i}\n") for i in range(40)]
+
+
 def test_exec_runs_in_workdir_by_default_and_honours_cwd_and_env(sb: Sandbox) -> None:
     assert sb.exec("pwd", timeout=10).stdout.strip() == "/workspace"
     sb.exec("mkdir -p sub/dir", timeout=10)
