@@ -27,7 +27,7 @@ class DevServerConfig:
     """Context length of the "tiny" model."""
     seed: int = 0
     threads: int = 0
-    """torch CPU threads; 0 keeps torch's default (use 1 when several servers share a CPU)."""
+    """torch CPU threads of klong-devserver; 0: 1 for the tiny model, else torch's default."""
 
     def __post_init__(self) -> None:
         if self.threads < 0:

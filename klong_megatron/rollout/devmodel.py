@@ -212,8 +212,6 @@ class DevEngine:
 def build_dev_model(cfg: DevServerConfig) -> tuple[DevModel, Any]:
     """DevServerConfig -> (DevModel, tokenizer or None)."""
     tokenizer = load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     dtype = getattr(torch, cfg.dtype)
     if cfg.model == "tiny":
         if tokenizer is None:
