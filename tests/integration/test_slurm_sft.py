@@ -54,8 +54,8 @@ def test_sbatch_cpu_demo_job_completes_and_writes_a_checkpoint(tmp_path: Path) -
 
 
 def test_sbatch_dry_run_validates_the_config_without_training(tmp_path: Path) -> None:
-    proc, log = _sbatch(tmp_path, {"DRY_RUN": "1", "GPUS_PER_NODE": "8"}, [*cpu_demo_overrides(tmp_path),
-                        "trainer.parallel.tp=2", "trainer.global_batch_size=8", "trainer.micro_batch_size=2"])  # fmt: skip
+    layout = ["trainer.parallel.tp=2", "trainer.global_batch_size=8", "trainer.micro_batch_size=2"]
+    proc, log = _sbatch(tmp_path, {"DRY_RUN": "1", "GPUS_PER_NODE": "8"}, [*cpu_demo_overrides(tmp_path), *layout])
     assert proc.returncode == 0, f"{proc.stderr}\n{log[-3000:]}"
     assert "dry run OK" in log and "TP 2 x PP 1 x CP 1 x DP 4" in log
     assert not (tmp_path / "run" / "checkpoints").exists()
