@@ -80,6 +80,8 @@ class TrainerConfig:
     """Explicit checkpoint directory to resume from; a missing one is an error."""
     exit_after_steps: int | None = None
     """Stop this process after this many steps (with a checkpoint), as a preemption would."""
+    layout_independent_init: bool = True
+    """Initialise weights from their global names so every TP/PP layout starts from the same model."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
+import re
 import warnings
+import zlib
 
 import torch
 from megatron.core import parallel_state
@@ -25,6 +28,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from klong_megatron.config.model import ModelConfig
 from klong_megatron.config.trainer import ParallelConfig
@@ -151,3 +155,42 @@ def build_gpt(
     if not torch.cuda.is_available():
         return model
     return model.cuda(torch.cuda.current_device())
+
+
+_LAYER = re.compile(r"(decoder\.layers\.)(\d+)(\.)")
+
+
+def init_layout_independent(model: torch.nn.Module, cfg: ModelConfig, seed: int) -> None:
+    """Re-initialise every parameter from its *global* name, so any TP/PP layout starts from the same model.
+
+    Megatron draws initial weights in build order on each rank, so a pipeline stage that builds only
+    layers 2-3 draws different numbers than one process building layers 0-3. Here each parameter's
+    full (unsharded) tensor comes from a generator seeded by ``(seed, global name)`` and this rank
+    keeps its tensor-parallel shard. Same distributions as Megatron's defaults: N(0, std) weights,
+    N(0, std / sqrt(2 L)) for the output projections of attention and MLP, ones for norms, zero biases.
+    """
+    offset = get_transformer_layer_offset(model.config)
+    tp, tp_rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+    for name, param in model.named_parameters():
+        global_name = _LAYER.sub(lambda m: f"{m[1]}{int(m[2]) + offset}{m[3]}", name)
+        if global_name == "output_layer.weight" and not cfg.untie_embeddings:
+            global_name = "embedding.word_embeddings.weight"  # tied: the last stage's copy of the embedding
+        shape = list(param.shape)
+        dim = getattr(param, "partition_dim", -1) if getattr(param, "tensor_model_parallel", False) else -1
+        if dim >= 0:
+            shape[dim] *= tp
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(global_name.encode()))
+        if "norm" in name:
+            full = torch.ones(shape)
+        elif name.endswith("bias"):
+            full = torch.zeros(shape)
+        else:
+            std = cfg.init_method_std
+            if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+                std /= math.sqrt(2.0 * cfg.num_layers)
+            full = torch.empty(shape).normal_(0.0, std, generator=gen)
+        if dim >= 0:  # a strided layout (SwiGLU fc1: [gate | up]) shards each of the `stride` parts
+            stride = getattr(param, "partition_stride", 1)
+            full = torch.cat([part.chunk(tp, dim=dim)[tp_rank] for part in full.chunk(stride, dim=dim)], dim=dim)
+        with torch.no_grad():
+            param.copy_(full.to(param.dtype))

@@ -32,7 +32,7 @@ from megatron.core.transformer.module import Float16Module
 from klong_megatron.config.sft import SFTConfig
 from klong_megatron.logging import MetricsLogger
 from klong_megatron.megatron import checkpoint as ckpt
-from klong_megatron.megatron.model import build_gpt, uses_packed_seq_params
+from klong_megatron.megatron.model import build_gpt, init_layout_independent, uses_packed_seq_params
 from klong_megatron.megatron.parallel import data_parallel_rank_and_size, init_distributed, is_logging_rank
 from klong_megatron.megatron.step import make_forward_step
 from klong_megatron.sft.batches import BatchPlan, GlobalBatches, eval_batches, micro_batches
@@ -121,6 +121,8 @@ class SFTTrainer:
         t = self.tcfg
         model = build_gpt(self.cfg.model, parallel=t.parallel, bf16=self.bf16)
         config = model.config
+        if t.layout_independent_init:
+            init_layout_independent(model, self.cfg.model, t.seed)
         if self.cfg.init_from_hf:
             from klong_megatron.megatron.hf import load_hf_weights
 
