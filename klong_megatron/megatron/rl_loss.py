@@ -144,6 +144,7 @@ def rl_loss_func(
         gpt, hidden, batch["labels"], chunk_size=algo.logprob_chunk_size, temperature=algo.temperature
     )
     mask = batch["loss_mask"].float()
+    given = {k: batch[k].float() for k in ("ref_logprobs", "rollout_logprobs") if batch.get(k) is not None}
     loss_sum, metrics = policy_loss(
         logprobs,
         batch["old_logprobs"].float(),
@@ -152,13 +153,13 @@ def rl_loss_func(
         clip_low=algo.clip_low,
         clip_high=algo.clip_high,
         clip_c=algo.clip_c,
-        ref_logprobs=batch.get("ref_logprobs"),
+        ref_logprobs=given.get("ref_logprobs"),
         kl_coef=algo.kl_coef,
         kl_estimator=algo.kl_estimator,
         entropy=entropy,
         entropy_coef=algo.entropy_coef,
         num_tokens=1.0,  # a SUM: Megatron divides by the global token count (calculate_per_token_loss)
-        rollout_logprobs=batch.get("rollout_logprobs"),  # without tis_cap: only the mismatch metric
+        rollout_logprobs=given.get("rollout_logprobs"),  # without tis_cap: only the mismatch metric
         tis_cap=algo.tis_cap,
     )
     n = mask.sum()
