@@ -37,14 +37,14 @@ def init_distributed(parallel: ParallelConfig, seed: int, *, timeout_min: int = 
         if parallel.cp > 1 or parallel.sequence_parallel:
             raise ValueError("trainer.parallel.cp > 1 and sequence_parallel need GPUs with Transformer Engine")
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        if "MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = str(_free_port())
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if on_gpu else "gloo", timeout=datetime.timedelta(minutes=timeout_min))
+        backend, timeout = ("nccl" if on_gpu else "gloo"), datetime.timedelta(minutes=timeout_min)
+        if "RANK" in os.environ:  # torchrun / srun: rendezvous from the environment
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:  # a plain process: world of one on a free local port (the environment is left untouched)
+            init = f"tcp://127.0.0.1:{_free_port()}"
+            dist.init_process_group(backend=backend, init_method=init, rank=0, world_size=1, timeout=timeout)
     world = dist.get_world_size()
     if world % parallel.model_parallel_size:
         raise ValueError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,11 @@ def test_wandb_offline_run_records_metrics_config_and_commit(tmp_path: Path) -> 
     run_dir = logger.wandb_run_dir
     logger.finish()
     assert run_dir is not None and run_dir.name.startswith("offline-run-")
-    blob = b"".join(p.read_bytes() for p in run_dir.glob("*.wandb"))
+    deadline = time.monotonic() + 60  # the W&B service process may still be flushing the run file
+    while True:
+        blob = b"".join(p.read_bytes() for p in run_dir.glob("*.wandb"))
+        if b"train/loss" in blob or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     for key in (b"train/loss", b"train/tokens_per_s", b"train/grad_norm", b"git_commit"):
         assert key in blob, key
