@@ -11,8 +11,11 @@ resident set size (CPU; ``ru_maxrss``) or ``torch.cuda.max_memory_allocated`` (G
 run) minus the value right after the inputs were allocated; it includes the [V, H] weight gradient
 both variants produce. On CPU a naive run that would not fit in free memory is skipped (estimated,
 to keep the OOM killer away from other processes); on a GPU it is tried and reported as OOM.
-Variants alternate round by round so that load from other processes hits both alike; time is the
-median over rounds.
+Variants alternate round by round so that load from other processes hits both alike. Time: the
+best (min) and the median wall time over rounds; the ratio uses the best runs (the least disturbed by
+other load, as timeit does). On CPU the process CPU time (all threads) is shown too: it counts the work
+done and is far less sensitive than wall time to other processes on a shared machine. The load
+average before and after is printed.
 
     python benchmarks/logprobs_memory.py                      # CPU: V=32768 and V=151936 (if it fits)
     python benchmarks/logprobs_memory.py --device cuda        # GPU: T=32768, V=151936, H=4096, bf16
@@ -65,13 +68,13 @@ def measure(variant: str, t: int, v: int, h: int, dtype: str, device: str, chunk
         base = torch.cuda.max_memory_allocated()
     else:
         base = _rss_bytes()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     step()
     if cuda:
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     peak = torch.cuda.max_memory_allocated() if cuda else _rss_bytes()
-    return {"peak_extra": peak - base, "seconds": seconds}
+    return {"peak_extra": peak - base, "seconds": seconds, "cpu_seconds": cpu_seconds}
 
 
 def _naive_estimate(t: int, v: int, h: int, dtype: str) -> int:
@@ -128,9 +131,12 @@ def _report(args: argparse.Namespace, vocabs: list[int]) -> None:
     from rich.progress import track
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=max(Console().width, 130))
     table = Table(title=f"token_logprobs fwd+bwd, T={args.T} H={args.H} {args.dtype} on {args.device}")
-    for col in ("V", "variant", "chunk", "peak extra GiB", "time s", "mem vs naive", "time vs naive"):
+    cols = ("V", "variant", "chunk", "peak extra GiB", "mem vs naive", "best s", "median s", "time vs naive")
+    cols += () if gpu else ("CPU s", "CPU vs naive")
+    console.print(f"load average before: {os.getloadavg()[0]:.2f}")
+    for col in cols:
         table.add_column(col, justify="right")
     for v in vocabs:
         variants = ["chunked", "naive"]
@@ -147,9 +153,11 @@ def _report(args: argparse.Namespace, vocabs: list[int]) -> None:
             ok = [r for r in rs if "error" not in r]
             if not ok:
                 summary[k] = None
-                table.add_row(str(v), k, "", rs[0]["error"], "", "", "")
+                table.add_row(str(v), k, "", rs[0]["error"], *[""] * (len(cols) - 4))
                 continue
-            summary[k] = (max(r["peak_extra"] for r in ok), statistics.median(r["seconds"] for r in ok))
+            times = [r["seconds"] for r in ok]
+            cpu = min(r["cpu_seconds"] for r in ok)
+            summary[k] = (max(r["peak_extra"] for r in ok), min(times), statistics.median(times), cpu)
         base = summary.get("naive")
         for k, s in summary.items():
             if s is None:
@@ -157,9 +165,12 @@ def _report(args: argparse.Namespace, vocabs: list[int]) -> None:
             mem_ratio = f"{s[0] / base[0]:.3f}" if base else "n/a"
             time_ratio = f"{s[1] / base[1]:.2f}x" if base else "n/a"
             chunk = str(args.chunk_size) if k == "chunked" else "-"
-            table.add_row(str(v), k, chunk, f"{s[0] / GIB:.2f}", f"{s[1]:.2f}", mem_ratio, time_ratio)
+            row = (str(v), k, chunk, f"{s[0] / GIB:.2f}", mem_ratio, f"{s[1]:.2f}", f"{s[2]:.2f}", time_ratio)
+            cpu_ratio = f"{s[3] / base[3]:.2f}x" if base else "n/a"
+            table.add_row(*row, *(() if gpu else (f"{s[3]:.2f}", cpu_ratio)))
     console.print(table)
-    console.print(f"threads={torch.get_num_threads()} cpus={os.cpu_count()} rounds={args.rounds}")
+    load = os.getloadavg()[0]
+    console.print(f"threads={torch.get_num_threads()} cpus={os.cpu_count()} rounds={args.rounds} load after={load:.2f}")
 
 
 if __name__ == "__main__":
