@@ -57,3 +57,18 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             if required and name != "gpu":
                 pytest.fail(f"{name} is required here (KLONG_REQUIRE_SERVICES=1) but {why}")
             pytest.skip(f"{name}: {why}")
+
+
+@pytest.fixture
+def hydra_configs():
+    """Hydra initialised on hydra_configs/ with every schema registered (compose() works inside)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from klong_megatron.config import CONFIG_DIR, register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        yield
+    GlobalHydra.instance().clear()

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from hydra import compose
 from omegaconf import OmegaConf
 
-from klong_megatron.config import CONFIG_DIR, register_configs
+from klong_megatron.config import CONFIG_DIR
 
 PRIMARY = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 GROUP_PRESETS = sorted(
@@ -20,13 +19,7 @@ GROUP_PRESETS = sorted(
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
 
-@pytest.fixture(autouse=True)
-def _hydra():
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        yield
-    GlobalHydra.instance().clear()
+pytestmark = pytest.mark.usefixtures("hydra_configs")
 
 
 @pytest.mark.parametrize("preset", GROUP_PRESETS)

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from hydra import compose
 from omegaconf import OmegaConf
 
-from klong_megatron.config import CONFIG_DIR, register_configs
 from klong_megatron.config.grpo import GRPOConfig
 
-
-@pytest.fixture(autouse=True)
-def _hydra():
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        yield
-    GlobalHydra.instance().clear()
+pytestmark = pytest.mark.usefixtures("hydra_configs")
 
 
 def test_klong_preset_selects_window_weighted_advantages() -> None:

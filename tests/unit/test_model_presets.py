@@ -3,23 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from hydra import compose
 from omegaconf import OmegaConf
 
 from klong_megatron.cli.sft import describe
-from klong_megatron.config import CONFIG_DIR, register_configs
 from klong_megatron.config.model import ModelConfig
 from klong_megatron.megatron import model as model_mod
 
-
-@pytest.fixture(autouse=True)
-def _hydra():
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        yield
-    GlobalHydra.instance().clear()
+pytestmark = pytest.mark.usefixtures("hydra_configs")
 
 
 @pytest.mark.parametrize(
