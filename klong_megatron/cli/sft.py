@@ -4,7 +4,8 @@
     klong-sft experiment=demo logger=wandb             # + W&B (WANDB_MODE=offline works without network)
     torchrun --nproc_per_node 2 -m klong_megatron.cli.sft experiment=demo trainer.parallel.tp=2
     klong-sft experiment=demo dry_run=true             # validate config + data, print the plan, exit
-    klong-sft -m experiment=demo trainer.lr=1e-3,3e-3 hydra/launcher=submitit_slurm   # sweep on Slurm
+    klong-sft -m hydra/launcher=slurm experiment=qwen3-8b trainer.lr=1e-5,3e-5    # sweep: a Slurm job array
+    klong-sft -m hydra/launcher=local experiment=demo trainer.lr=1e-3,3e-3        # sweep: local processes
 
 The composed config becomes an ``SFTConfig`` once (``OmegaConf.to_object``); a bad field fails
 here with its name. Exit status: 0 when the run completed or stopped by ``exit_after_steps``,
@@ -35,6 +36,20 @@ def _run_names() -> tuple[str, str | None]:
     if hc.job.get("num") is not None and hc.mode.name == "MULTIRUN":
         name = f"{name}#{hc.job.num}"
     return hc.runtime.output_dir, name
+
+
+def export_submitit_ranks() -> bool:
+    """In a submitit job of several tasks (``hydra/launcher=slurm``), export RANK / WORLD_SIZE / LOCAL_RANK /
+    MASTER_ADDR / MASTER_PORT from the job for ``init_distributed``. True when it did; a no-op under torchrun
+    (RANK already set), in a plain process or a one-task job."""
+    if "RANK" in os.environ or "SUBMITIT_EXECUTOR" not in os.environ:
+        return False
+    import submitit
+
+    if submitit.JobEnvironment().num_tasks <= 1:
+        return False
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    return True
 
 
 def describe(cfg: SFTConfig, world_size: int) -> str:
@@ -97,6 +112,7 @@ def run(cfg: SFTConfig, output_dir: str | Path, run_name: str | None = None) -> 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="sft")
 def _main(dcfg: DictConfig) -> float | None:
     cfg: SFTConfig = OmegaConf.to_object(dcfg)
+    export_submitit_ranks()
     output_dir, run_name = _run_names()
     output_dir = cfg.output_dir or output_dir
     summary = run(cfg, output_dir, run_name)
