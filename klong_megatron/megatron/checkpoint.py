@@ -2,21 +2,33 @@
 
 Layout of ``save_dir``::
 
-    save_dir/iter_0000020/      one dist_checkpointing directory per saved step
-    save_dir/latest             text file: the step of the newest complete checkpoint
+    save_dir/iter_0000020/          one dist_checkpointing directory per saved step (complete ones only)
+    save_dir/iter_0000030.partial/  a save in progress, or one that was killed (never loaded)
+    save_dir/latest                 text file: the step of the newest complete checkpoint
 
 A checkpoint is resharded on load (saved at TP=2, loaded at TP=1 works). RNG states are one
 ``ShardedObject`` per (pipeline, tensor) rank, replicated over data-parallel ranks (all DP ranks share
-the seed). The distributed optimizer state is saved ``dp_reshardable``. ``latest`` is written by rank 0
-only after every rank finished the save, so a run killed mid-save resumes from the previous one.
+the seed). The distributed optimizer state is saved ``dp_reshardable``. A save writes ``iter_N.partial``;
+after every rank finished, rank 0 renames it to ``iter_N`` and then writes ``latest``, so a run killed
+mid-save resumes from the previous checkpoint and an ``iter_N`` directory is always complete.
+
+SIGTERM / SIGINT arriving during a save are deferred (:func:`deferred_signals`): the save finishes, then
+the signal goes to the handler that was installed before (the trainer's stop flag, or the default).
 
 For inference (dev server, RL reference model) :func:`load_model_weights` loads only the model.
 """
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing as mp
 import random
+import shutil
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +39,7 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+DEFERRED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @dataclass
@@ -101,23 +114,88 @@ def _state_dict(model, optimizer, scheduler, train_state: TrainState | None, *, 
     return sd
 
 
+@contextlib.contextmanager
+def deferred_signals(signals: tuple[int, ...] = DEFERRED_SIGNALS) -> Iterator[list[int]]:
+    """Hold ``signals`` (SIGTERM, SIGINT) while the block runs; afterwards deliver each one received once
+    to the handler that was installed before (so the default action, KeyboardInterrupt or a stop flag
+    happens after the block). Yields the list of signal numbers received so far.
+
+    Processes forked inside the block (dist_checkpointing's writer processes) start with these signals
+    blocked, so a signal sent to the whole process group (Slurm preemption, ``kill -- -PGID``) cannot kill
+    them mid-write; ``spawn`` children get neither mask nor handlers (see
+    :func:`_start_results_queue_ignoring_sigterm`). Outside the main thread, where Python cannot install
+    handlers, the block runs unprotected.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield []
+        return
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in signals}
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield received
+    finally:
+        # Signals that hit this thread while blocked are pending: take them here instead of on unblock.
+        while (pending := signal.sigpending() & set(signals)) and (info := signal.sigtimedwait(pending, 0)):
+            received.append(info.si_signo)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(received):
+            signal.raise_signal(sig)
+
+
+def _start_results_queue_ignoring_sigterm() -> None:
+    """Start dist_checkpointing's write-results queue in a manager process that ignores SIGTERM.
+
+    ``filesystem_async`` serves that queue from a ``spawn`` manager process it starts on the first save
+    (spawned processes do not inherit Python handlers or the signal mask). Started there, a SIGTERM sent
+    to the whole process group kills it and the save in progress fails (BrokenPipeError /
+    ConnectionRefusedError). Started here, it ignores SIGTERM (the manager ignores SIGINT itself) and
+    stops when this process exits. A no-op once started, or on a Megatron without that queue.
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", False) is not None:
+        return
+    manager = SyncManager(ctx=mp.get_context("spawn"))
+    manager.start(signal.signal, (signal.SIGTERM, signal.SIG_IGN))
+    filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
+
+
+def _publish(partial: Path, final: Path) -> None:
+    """Rename a finished ``iter_N.partial`` to ``iter_N`` (replacing an older ``iter_N`` if there is one)."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    partial.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(save_dir: str | Path, model, optimizer, scheduler, train_state: TrainState) -> Path:
     """Save everything needed to resume at ``train_state.step``; returns the checkpoint directory.
 
-    Collective: every rank must call it. ``model`` is this rank's (DDP-wrapped) model chunk.
+    Collective: every rank must call it. ``model`` is this rank's (DDP-wrapped) model chunk. SIGTERM /
+    SIGINT during the save are delivered after it (:func:`deferred_signals`).
     """
     path = step_dir(save_dir, train_state.step)
-    if dist.get_rank() == 0:
-        path.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    sd = _state_dict(model, optimizer, scheduler, train_state, loading=False)
-    dist_checkpointing.save(sd, str(path), content_metadata=_OPTIM_METADATA)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        tmp = Path(save_dir) / "latest.tmp"
-        tmp.write_text(str(train_state.step))
-        tmp.replace(Path(save_dir) / "latest")
-    dist.barrier()
+    partial = path.with_name(path.name + ".partial")
+    with deferred_signals():
+        _start_results_queue_ignoring_sigterm()
+        if dist.get_rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
+            partial.mkdir(parents=True)
+        dist.barrier()
+        sd = _state_dict(model, optimizer, scheduler, train_state, loading=False)
+        dist_checkpointing.save(sd, str(partial), content_metadata=_OPTIM_METADATA)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            _publish(partial, path)
+            tmp = Path(save_dir) / "latest.tmp"
+            tmp.write_text(str(train_state.step))
+            tmp.replace(Path(save_dir) / "latest")
+        dist.barrier()
     return path
 
 

@@ -8,7 +8,9 @@ trained tokens of the whole global batch) -> Megatron DDP grad sync -> ``get_meg
 
 Stops: ``train_steps`` reached; ``exit_after_steps`` steps done in this process; SIGTERM / SIGINT
 (Slurm preemption, Ctrl-C), agreed by all ranks after the current step. Each saves a checkpoint
-first. A non-finite loss raises :class:`NonFiniteLossError` naming the step and the trajectory ids.
+first. A signal that arrives while a checkpoint is being written waits for the save to finish
+(``checkpoint.deferred_signals``); after a periodic save the run stops at once, without another step.
+A non-finite loss raises :class:`NonFiniteLossError` naming the step and the trajectory ids.
 """
 
 from __future__ import annotations
@@ -245,7 +247,7 @@ class SFTTrainer:
         self._maybe_resume()
         order = self._order(len(self.train_ds), self.cfg.data.seed)
         self.batches = GlobalBatches(order.indices, t.global_batch_size, self.state.consumed_samples)
-        stop, steps_here, ended = _StopFlag(), 0, "completed"
+        stop, steps_here, ended, saved_step, stopped_by = _StopFlag(), 0, "completed", None, 0
         stop.install()
         try:
             while self.state.step < t.train_steps:
@@ -261,22 +263,29 @@ class SFTTrainer:
                     self.logger.log(step, {"loss": self.last_metrics["eval_loss"]}, prefix="eval")
                 if step == t.train_steps:
                     break
-                if signum := stop.agreed():
-                    ended = f"signal {signal.Signals(signum).name}"
+                if stopped_by := stop.agreed():
                     break
                 if t.exit_after_steps is not None and steps_here >= t.exit_after_steps:
                     ended = f"exit_after_steps={t.exit_after_steps}"
                     break
                 if t.save_every and step % t.save_every == 0:
                     self.save()
-            self.save()
+                    saved_step = step
+                    if stopped_by := stop.agreed():  # arrived during the save: the checkpoint is current
+                        break
+            if saved_step != self.state.step:
+                self.save()
         finally:
             stop.restore()
+        if stopped_by:
+            ended = f"signal {signal.Signals(stopped_by).name}"
+        elif stop.signum:
+            self._log_info(f"signal {signal.Signals(stop.signum).name} arrived during the final save; run {ended}")
         self._log_info(f"run ended at step {self.state.step}: {ended}")
         return {
             "state": asdict(self.state),
             "metrics": self.last_metrics,
             "losses": self.loss_history,
             "ended": ended,
-            "signal": stop.signum,
+            "signal": stopped_by,
         }
