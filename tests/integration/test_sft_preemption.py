@@ -2,7 +2,7 @@
 
 A SIGTERM to the whole process group during a save lets the save finish, then exits 128 + 15; a run
 killed (SIGKILL) mid-save leaves only ``iter_N.partial``, resumes from the previous checkpoint and
-rewrites step N.
+rewrites step N; a SIGTERM during the final save of a finished run leaves it completed (exit 0).
 """
 
 from __future__ import annotations
@@ -130,3 +130,13 @@ def test_run_killed_mid_save_resumes_from_the_previous_checkpoint_and_rewrites_t
     assert (ckpt / "iter_0000004" / "metadata.json").exists()
     assert not list(ckpt.glob("*.partial"))
     assert (ckpt / "latest").read_text() == "5"
+
+
+def test_sigterm_during_the_final_save_keeps_the_run_completed(tmp_path: Path) -> None:
+    proc = _start([sys.executable, str(SLOW_SAVE), "2", "tiny", str(tmp_path), "trainer.train_steps=3"])
+    out = _signal_group_when(proc, signal.SIGTERM, "checkpoint writer")
+    assert proc.returncode == 0, out[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["ended"] == "completed" and summary["signal"] == 0 and summary["state"]["step"] == 3
+    assert "SIGTERM arrived during the final save" in out
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "3"
