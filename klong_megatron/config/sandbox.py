@@ -2,11 +2,41 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from hydra.core.config_store import ConfigStore
 
 BACKENDS = ("docker", "bwrap")
+_HOST_RE = re.compile(r"^(\*\.)?[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?$|^\[[0-9A-Fa-f:.]+\]$")
+
+
+def parse_allow_entry(spec: str) -> tuple[str, int | None]:
+    """``host``, ``host:port``, ``*.domain[:port]`` or ``[v6]:port`` -> (lower-case host, port or None).
+
+    A missing port means the web ports (80 and 443). Raises ValueError saying what is wrong.
+    """
+    host, port = spec.strip(), None
+    if "://" in host or "/" in host:
+        raise ValueError(f"expected host or host:port (no scheme, no path), got {spec!r}")
+    if host.count(":") == 1 or (host.startswith("[") and "]:" in host):
+        host, _, port_text = host.rpartition(":")
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"port must be an integer in 1..65535, got {spec!r}")
+        port = int(port_text)
+    if not _HOST_RE.match(host):
+        raise ValueError(f"not a host name or IP address: {spec!r}")
+    return host.strip("[]").lower(), port
+
+
+def pip_index_host(url: str) -> str:
+    """``host:port`` of a pip index URL (the port implied by the scheme when absent)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"[{parts.hostname}]:{port}" if ":" in parts.hostname else f"{parts.hostname}:{port}"
 
 
 @dataclass
@@ -61,7 +91,13 @@ class SandboxConfig:
     tmp_mb: int = 512
     """Size of the /tmp tmpfs (HOME points there)."""
     network: str = "none"
-    """Docker network mode (none, host or a network name); bwrap: none or host."""
+    """none (loopback only); allowlist (loopback only, plus HTTP(S) through the run's egress proxy to the
+    ``allow`` hosts; sandbox/egress.py); host; Docker also takes a network name. bwrap: none, allowlist or host."""
+    allow: list[str] = field(default_factory=list)
+    """network=allowlist: the reachable ``host[:port]`` entries (package mirrors). No port: 80 and 443;
+    ``*.example.org`` matches subdomains. Everything else is refused with 403 and recorded."""
+    pip_index_url: str | None = None
+    """network=allowlist: a PyPI mirror; exported as PIP_INDEX_URL and its host:port is allowed."""
     read_only_root: bool = True
     """Only workdir and /tmp are writable."""
     gpus: int = 0
@@ -95,14 +131,39 @@ class SandboxConfig:
         if self.gpus < -1:
             raise ValueError(f"gpus must be >= -1, got {self.gpus}")
         if self.backend == "bwrap":
-            if self.network not in ("none", "host"):
-                raise ValueError(f"network must be none or host for bwrap, got {self.network!r}")
+            if self.network not in ("none", "allowlist", "host"):
+                raise ValueError(f"network must be none, allowlist or host for bwrap, got {self.network!r}")
             if self.gpus != 0:
                 raise ValueError(f"gpus must be 0 for bwrap (no device isolation), got {self.gpus}")
+        self._check_allowlist()
         for i, spec in enumerate(self.ro_binds):
             host, sep, inside = spec.partition(":")
             if not sep or not host.startswith("/") or not inside.startswith("/"):
                 raise ValueError(f"ro_binds[{i}] must be /host/path:/sandbox/path, got {spec!r}")
+
+    def _check_allowlist(self) -> None:
+        if self.network != "allowlist":
+            for name in ("allow", "pip_index_url"):
+                if getattr(self, name):
+                    raise ValueError(f"{name} needs network=allowlist, got network={self.network!r}")
+            return
+        if not self.allow and not self.pip_index_url:
+            raise ValueError("allow must list at least one host[:port] (or set pip_index_url) when network=allowlist")
+        for i, spec in enumerate(self.allow):
+            try:
+                parse_allow_entry(spec)
+            except ValueError as e:
+                raise ValueError(f"allow[{i}]: {e}") from None
+        if self.pip_index_url:
+            try:
+                pip_index_host(self.pip_index_url)
+            except ValueError as e:
+                raise ValueError(f"pip_index_url: {e}") from None
+
+    @property
+    def allow_rules(self) -> list[str]:
+        """``allow`` plus the pip mirror's host:port: what the egress proxy lets through."""
+        return [*self.allow, *([pip_index_host(self.pip_index_url)] if self.pip_index_url else [])]
 
 
 def register(cs: ConfigStore) -> None:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
+import shutil
 import socket
+import tempfile
 import uuid
+from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 TRUNCATION_MARKER = "\n[... {dropped} bytes of output omitted ...]\n"
 
@@ -63,6 +70,27 @@ def default_run_id() -> str:
 
 def new_sandbox_name(run_id: str) -> str:
     return f"klong-sbx-{run_id}-{uuid.uuid4().hex[:8]}".replace("_", "-").lower()
+
+
+_DIR_RE = re.compile(r"^klong-sbx-(\d+)-")
+
+
+def host_dir_prefix() -> str:
+    """Name prefix of this process's host directories (work dirs, egress dirs): the reaper reads the pid."""
+    return f"klong-sbx-{os.getpid()}-"
+
+
+def reap_dead_dirs(host_dir: str | None = None) -> list[str]:
+    """Remove ``klong-sbx-<pid>-*`` directories under ``host_dir`` (None: temp dir) whose pid is dead."""
+    removed = []
+    for d in Path(host_dir or tempfile.gettempdir()).glob("klong-sbx-*"):
+        m = _DIR_RE.match(d.name)
+        if m and d.is_dir() and not pid_alive(int(m.group(1))):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(str(d))
+    if removed:
+        log.info("reaped %d leftover sandbox dir(s) of dead processes", len(removed))
+    return removed
 
 
 def pid_alive(pid: int) -> bool:

@@ -17,15 +17,16 @@ one command. The host's /usr is the sandbox's system (``image`` is ignored).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import logging
 import os
-import re
 import selectors
 import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Self
@@ -35,11 +36,13 @@ from klong_megatron.sandbox._common import (
     OutputCapture,
     SandboxError,
     default_run_id,
-    pid_alive,
+    host_dir_prefix,
+    reap_dead_dirs,
     sandbox_path,
     writable_path,
 )
 from klong_megatron.sandbox.base import ExecResult
+from klong_megatron.sandbox.egress import NET_DIR, EgressProxy, forwarder_argv, proxy_env
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,6 @@ ETC_FILES = (
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 UID_BASE = 200_000
 _uids = itertools.count()
-_DIR_RE = re.compile(r"^klong-sbx-(\d+)-")
 _live: dict[int, BwrapSandbox] = {}
 
 
@@ -71,17 +73,8 @@ def _close_all_at_exit() -> None:
 
 
 def reap_leftovers(host_dir: str | None = None) -> list[str]:
-    """Remove work directories left by dead processes; returns their paths."""
-    root = Path(host_dir or tempfile.gettempdir())
-    removed = []
-    for d in root.glob("klong-sbx-*"):
-        m = _DIR_RE.match(d.name)
-        if m and d.is_dir() and not pid_alive(int(m.group(1))):
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(str(d))
-    if removed:
-        log.info("reaped %d leftover bwrap work dir(s)", len(removed))
-    return removed
+    """Remove work (and egress) directories left by dead processes; returns their paths."""
+    return reap_dead_dirs(host_dir)
 
 
 class BwrapSandbox:
@@ -93,6 +86,10 @@ class BwrapSandbox:
         self.host_work: Path | None = None
         self.uid: int | None = None
         self.name = ""
+        self.egress: EgressProxy | None = None
+        """network=allowlist: the proxy (``egress.refusals`` lists what was refused)."""
+        self._procs: set[subprocess.Popen] = set()
+        self._procs_changed = threading.Condition()
 
     def start(self) -> None:
         if self.host_work is not None:
@@ -100,18 +97,38 @@ class BwrapSandbox:
         if shutil.which("bwrap") is None:
             raise SandboxError("bubblewrap (bwrap) is not installed; apt-get install bubblewrap")
         reap_leftovers(self.cfg.host_dir)
-        self.host_work = Path(tempfile.mkdtemp(prefix=f"klong-sbx-{os.getpid()}-", dir=self.cfg.host_dir))
+        self.host_work = Path(tempfile.mkdtemp(prefix=host_dir_prefix(), dir=self.cfg.host_dir))
         self.name = self.host_work.name
         _live[id(self)] = self
         if os.geteuid() == 0:
             self.uid = UID_BASE + (os.getpid() * 97 + next(_uids)) % 100_000
             os.chown(self.host_work, self.uid, self.uid)
+        if self.cfg.network == "allowlist":
+            if shutil.which("python3") is None:
+                self.close()
+                raise SandboxError("network=allowlist needs python3 on the host (it runs the in-sandbox forwarder)")
+            self.egress = EgressProxy(self.cfg.allow_rules, f"{self.host_work}-net", self.name)
+            try:
+                self.egress.start()
+            except SandboxError:
+                self.close()
+                raise
 
     def close(self) -> None:
+        """Kill commands still running (from other threads), then remove the work directory (idempotent)."""
         _live.pop(id(self), None)
-        if self.host_work is not None:
-            shutil.rmtree(self.host_work, ignore_errors=True)
-            self.host_work = None
+        with self._procs_changed:
+            host_work, self.host_work = self.host_work, None
+            for proc in self._procs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # bwrap dies; --die-with-parent ends its namespace
+            if not self._procs_changed.wait_for(lambda: not self._procs, timeout=10):
+                log.warning("sandbox %s: %d command(s) did not end after SIGKILL", self.name, len(self._procs))
+        if self.egress is not None:
+            self.egress.close()
+            self.egress = None
+        if host_work is not None:
+            shutil.rmtree(host_work, ignore_errors=True)
 
     def __enter__(self) -> Self:
         self.start()
@@ -135,6 +152,8 @@ class BwrapSandbox:
         args = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--hostname", "sandbox"]
         if cfg.network == "host":
             args.append("--share-net")
+        if self.egress is not None:
+            args += ["--ro-bind", str(self.egress.net_dir), NET_DIR]
         for d in SYSTEM_DIRS:
             if os.path.islink(d):
                 args += ["--symlink", os.readlink(d), d]
@@ -151,7 +170,8 @@ class BwrapSandbox:
         if cfg.read_only_root:
             args += ["--remount-ro", "/"]
         args += ["--chdir", cwd, "--clearenv", "--setenv", "PATH", PATH, "--setenv", "HOME", "/tmp"]
-        for k, v in {**cfg.env, **(env or {})}.items():
+        net_env = proxy_env(cfg.pip_index_url) if self.egress is not None else {}
+        for k, v in {**net_env, **cfg.env, **(env or {})}.items():
             args += ["--setenv", k, v]
         return [*prefix, "prlimit", *limits, "--", *args, "--", *inner]
 
@@ -159,12 +179,29 @@ class BwrapSandbox:
     def exec(
         self, cmd: str, *, timeout: float, cwd: str | None = None, env: dict[str, str] | None = None
     ) -> ExecResult:
-        argv = self._argv(["/bin/sh", "-c", cmd], sandbox_path(self.cfg.workdir, cwd or self.cfg.workdir), env)
+        inner = ["/bin/sh", "-c", cmd]
+        if self.egress is not None:  # the forwarder listens first, then runs the command as its child
+            inner = forwarder_argv("--", *inner)
+        argv = self._argv(inner, sandbox_path(self.cfg.workdir, cwd or self.cfg.workdir), env)
         t0 = time.monotonic()
         out, err = OutputCapture(self.cfg.max_output_bytes), OutputCapture(self.cfg.max_output_bytes)
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
-        )
+        with self._procs_changed:
+            if self.host_work is None:
+                raise SandboxError(f"sandbox {self.name} is closed")
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+            )
+            self._procs.add(proc)
+        try:
+            return self._collect(proc, t0, timeout, out, err)
+        finally:
+            with self._procs_changed:
+                self._procs.discard(proc)
+                self._procs_changed.notify_all()
+
+    def _collect(
+        self, proc: subprocess.Popen, t0: float, timeout: float, out: OutputCapture, err: OutputCapture
+    ) -> ExecResult:
         finished = _pump_pipes(proc, t0 + timeout, out, err)
         if not finished:
             log.warning("sandbox %s: command timed out after %.1fs; killing it", self.name, timeout)
@@ -175,6 +212,8 @@ class BwrapSandbox:
             f.close()
         code = proc.wait()
         duration = time.monotonic() - t0
+        if self.host_work is None:
+            raise SandboxError(f"sandbox {self.name} was closed while a command ran ({duration:.1f}s); it was killed")
         if not finished:
             return ExecResult(None, out.text(), err.text(), True, duration, out.truncated or err.truncated)
         if code != 0 and bytes(err.head).startswith(b"bwrap: "):  # bwrap's own setup error, not the command's

@@ -27,6 +27,7 @@ import shlex
 import socket
 import struct
 import tarfile
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -42,12 +43,15 @@ from klong_megatron.sandbox._common import (
     OutputCapture,
     SandboxError,
     default_run_id,
+    host_dir_prefix,
     new_sandbox_name,
     pid_alive,
+    reap_dead_dirs,
     sandbox_path,
     writable_path,
 )
 from klong_megatron.sandbox.base import ExecResult
+from klong_megatron.sandbox.egress import NET_DIR, EgressProxy, forwarder_argv, proxy_env
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +121,10 @@ class DockerSandbox:
         self._oom_kills = 0
         self._lock = threading.Lock()
         self._restarter: threading.Thread | None = None
+        self._closing = False
+        self.egress: EgressProxy | None = None
+        """network=allowlist: the proxy (``egress.refusals`` lists what was refused)."""
+        self._forwarder_starts = 0
 
     # -- life cycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -126,11 +134,24 @@ class DockerSandbox:
         if not _reaped_once:
             _reaped_once.append(True)
             reap_leftovers(self._client)
+            reap_dead_dirs(self.cfg.host_dir)
         cfg = self.cfg
+        self._closing = False
         volumes = {f"{self.name}-work": {"bind": cfg.workdir, "mode": "rw"}}
         for spec in cfg.ro_binds:
             host, _, inside = spec.partition(":")
             volumes[host] = {"bind": inside, "mode": "ro"}
+        init, network, env = INIT, cfg.network, {"HOME": "/tmp", **cfg.env}
+        if cfg.network == "allowlist":  # no network at all; HTTP(S) goes through the forwarder (PID 1)
+            net_dir = tempfile.mkdtemp(prefix=host_dir_prefix() + "net-", dir=cfg.host_dir)
+            self.egress = EgressProxy(cfg.allow_rules, net_dir, self.name)
+            self.egress.start()
+            volumes[net_dir] = {"bind": NET_DIR, "mode": "ro"}
+            init, network, env = (
+                forwarder_argv("--init"),
+                "none",
+                {"HOME": "/tmp", **proxy_env(cfg.pip_index_url), **cfg.env},
+            )
         fsize = cfg.max_file_mb * 1024 * 1024
         ulimits = [Ulimit(name="fsize", soft=fsize, hard=fsize)]
         if cfg.cpu_time_s:
@@ -141,7 +162,7 @@ class DockerSandbox:
         try:
             self._container = self._client.containers.run(
                 cfg.image,
-                INIT,
+                init,
                 name=self.name,
                 detach=True,
                 labels={
@@ -150,7 +171,7 @@ class DockerSandbox:
                     HOST_LABEL: socket.gethostname(),
                     PID_LABEL: str(os.getpid()),
                 },
-                network_mode=cfg.network,
+                network_mode=network,
                 mem_limit=f"{cfg.memory_mb}m",
                 memswap_limit=f"{cfg.memory_mb}m",
                 nano_cpus=int(cfg.cpus * 1e9),
@@ -159,18 +180,45 @@ class DockerSandbox:
                 tmpfs={"/tmp": f"size={cfg.tmp_mb}m,mode=1777"},
                 volumes=volumes,
                 working_dir=cfg.workdir,
-                environment={"HOME": "/tmp", **cfg.env},
+                environment=env,
                 ulimits=ulimits,
                 device_requests=gpus,
             )
+            if self.egress is not None:
+                self._wait_forwarder()
         except DockerException as e:
             self.close()
             raise SandboxError(f"sandbox {self.name}: cannot start image {cfg.image!r}: {e}") from e
+        except SandboxError:
+            self.close()
+            raise
+
+    def _wait_forwarder(self, within_s: float = 30.0) -> None:
+        """Wait for the forwarder (PID 1) to print its next "ready" line; a container that exits raises."""
+        self._forwarder_starts += 1
+        api = self._client.api
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            logs = api.logs(self.name)
+            if logs.count(b"ready\n") >= self._forwarder_starts:
+                return
+            if not api.inspect_container(self.name)["State"]["Running"]:
+                break
+            time.sleep(0.02)
+        tail = api.logs(self.name)[-600:].decode(errors="replace").strip()
+        raise SandboxError(
+            f"sandbox {self.name}: the egress forwarder did not start (network=allowlist needs python3 >= 3.8 "
+            f"in image {self.cfg.image!r}); container output: {tail or '(none)'}"
+        )
 
     def close(self) -> None:
-        """Remove the container and its work volume (idempotent)."""
+        """Remove the container (killing running commands) and its work volume (idempotent)."""
+        self._closing = True
         with _live_lock:
             _live.pop(self.name, None)
+        if self.egress is not None:
+            self.egress.close()
+            self.egress = None
         if self._client is None:
             return
         self._wait_restart()
@@ -221,6 +269,11 @@ class DockerSandbox:
         except APIError:
             pass  # already stopped
         api.start(self.name)
+        if self.egress is not None:
+            try:
+                self._wait_forwarder()
+            except SandboxError as e:
+                log.warning("%s", e)
 
     # -- commands ---------------------------------------------------------------------------------
     def exec(
@@ -228,15 +281,21 @@ class DockerSandbox:
     ) -> ExecResult:
         if self._container is None:
             raise SandboxError(f"sandbox {self.name} is not started")
+        closed = f"sandbox {self.name} was closed while a command ran; it was killed"
         with self._lock:
             self._wait_restart()
             try:
-                return self._exec(cmd, timeout, cwd, env)
+                res = self._exec(cmd, timeout, cwd, env)
             except (APIError, OSError) as e:
+                if self._closing:
+                    raise SandboxError(closed) from e
                 if self._running():
                     raise
                 self._restart(f"container found dead ({e})")
-                return self._exec(cmd, timeout, cwd, env)
+                res = self._exec(cmd, timeout, cwd, env)
+        if self._closing:  # close() from another thread removed the container under the command
+            raise SandboxError(closed)
+        return res
 
     def _running(self) -> bool:
         try:

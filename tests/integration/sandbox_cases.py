@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.server
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -63,3 +65,47 @@ def resource_ok(name: str) -> bool:
         return bool(docker.from_env(timeout=5).ping())
     except Exception:  # engine absent or down: nothing of ours can remain in it
         return False
+
+
+def wait_until_present(marker: str, within_s: float = 10.0) -> list[str]:
+    deadline = time.monotonic() + within_s
+    while not (found := host_processes_with(marker)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
+
+
+class HostHttpServer:
+    """A real HTTP server on the host's 127.0.0.1 that records what reached it (GET answers, POST echoes)."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.hits: list[tuple[str, str, dict[str, str]]] = []
+        hits = self.hits
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self, body: bytes) -> None:
+                hits.append((self.command, self.path, dict(self.headers)))
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                self._answer(f"served by {label}".encode())
+
+            def do_POST(self) -> None:
+                self._answer(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def url(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from sandbox_cases import BACKENDS, RUN_ID, small_config, started
+from sandbox_cases import BACKENDS, RUN_ID, small_config, started, wait_until_gone, wait_until_present
 
 from klong_megatron.config import CONFIG_DIR, register_configs
-from klong_megatron.sandbox import Sandbox, make_sandbox
+from klong_megatron.sandbox import Sandbox, SandboxError, make_sandbox
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -112,6 +114,29 @@ def test_close_removes_the_sandbox(backend: str) -> None:
     else:
         assert not list(Path(box.cfg.host_dir or "/tmp").glob(box.name))  # type: ignore[attr-defined]
     box.close()  # idempotent
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_close_kills_a_command_running_in_another_thread(backend: str) -> None:
+    box = started(backend)
+    marker = f"sleep {5000 + os.getpid() % 1000}"
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(box.exec(f"{marker}; echo finished", timeout=120))
+        except SandboxError as e:
+            outcome.append(e)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    assert wait_until_present(marker), "the command never started"
+    t0 = time.monotonic()
+    box.close()
+    worker.join(timeout=15)
+    assert not worker.is_alive() and time.monotonic() - t0 < 15
+    assert isinstance(outcome[0], SandboxError) and "closed while a command ran" in str(outcome[0])
+    assert not wait_until_gone(marker)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
