@@ -5,14 +5,21 @@ Measures (median over many repetitions, same run, same machine):
   exec         round trip of `exec("true")` in a started sandbox
   bash tool    ToolSet.call("bash", "echo hi") throughput: 1 sandbox sequentially (the baseline) and
                16 sandboxes used concurrently from 16 threads; the ratio is the concurrency speed-up.
+  allowlist    start and exec again with network=allowlist (Docker: forwarder as init; bwrap: forwarder
+               per command), and one HTTP GET to a local server through the egress proxy vs the same GET
+               made directly on the host (the baseline), median of --gets requests from one process.
 
-Run: .venv/bin/python benchmarks/sandbox_latency.py [--backends docker bwrap] [--repeat 20]
+Run: .venv/bin/python benchmarks/sandbox_latency.py [--backends docker bwrap] [--repeat 20] [--gets 200]
 """
 
 from __future__ import annotations
 
 import argparse
+import http.server
 import statistics
+import subprocess
+import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,15 +31,55 @@ from klong_megatron.config.sandbox import SandboxConfig, ToolsConfig
 from klong_megatron.sandbox import make_sandbox
 from klong_megatron.sandbox.tools import ToolSet
 
+# Median milliseconds of N sequential GETs of URL (through the proxy variables when they are set).
+GET_LOOP = """
+import statistics, sys, time, urllib.request
+url, n = sys.argv[1], int(sys.argv[2])
+times = []
+for _ in range(n):
+    t0 = time.perf_counter()
+    urllib.request.urlopen(url, timeout=10).read()
+    times.append(time.perf_counter() - t0)
+print(statistics.median(times) * 1e3)
+"""
 
-def _cfg(backend: str) -> SandboxConfig:
-    return SandboxConfig(backend=backend, memory_mb=512, pids=128, run_id="bench")
+
+def _cfg(backend: str, **over: object) -> SandboxConfig:
+    return SandboxConfig(backend=backend, memory_mb=512, pids=128, run_id="bench", **over)  # type: ignore[arg-type]
 
 
-def start_latency(backend: str, repeat: int) -> list[float]:
+class _Quiet(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"x" * 1024
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def http_get_ms(backend: str, gets: int) -> tuple[float, float]:
+    """(direct GET on the host, GET from an allowlist sandbox through the proxy), median ms each."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Quiet)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        direct = subprocess.run([sys.executable, "-c", GET_LOOP, url, str(gets)], capture_output=True, text=True)
+        with make_sandbox(_cfg(backend, network="allowlist", allow=[url[7:-1]])) as sb:
+            sb.write_file("get.py", GET_LOOP)
+            res = sb.exec(f"python3 get.py {url} {gets}", timeout=600, env={"no_proxy": "", "NO_PROXY": ""})
+            assert res.exit_code == 0, res
+        return float(direct.stdout), float(res.stdout)
+    finally:
+        server.shutdown()
+
+
+def start_latency(backend: str, repeat: int, **over: object) -> list[float]:
     times = []
-    for _ in track(range(repeat), description=f"{backend}: start"):
-        sb = make_sandbox(_cfg(backend))
+    for _ in track(range(repeat), description=f"{backend} {over or ''}: start"):
+        sb = make_sandbox(_cfg(backend, **over))
         t0 = time.perf_counter()
         sb.start()
         times.append(time.perf_counter() - t0)
@@ -40,11 +87,11 @@ def start_latency(backend: str, repeat: int) -> list[float]:
     return times
 
 
-def exec_latency(backend: str, repeat: int) -> list[float]:
-    with make_sandbox(_cfg(backend)) as sb:
+def exec_latency(backend: str, repeat: int, **over: object) -> list[float]:
+    with make_sandbox(_cfg(backend, **over)) as sb:
         sb.exec("true", timeout=30)  # warm-up
         times = []
-        for _ in track(range(repeat), description=f"{backend}: exec"):
+        for _ in track(range(repeat), description=f"{backend} {over or ''}: exec"):
             t0 = time.perf_counter()
             sb.exec("true", timeout=30)
             times.append(time.perf_counter() - t0)
@@ -75,6 +122,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=20, help="repetitions per latency median")
     ap.add_argument("--concurrent", type=int, default=16)
     ap.add_argument("--calls", type=int, default=10, help="bash calls per sandbox in the throughput test")
+    ap.add_argument("--gets", type=int, default=200, help="HTTP GETs per median in the allow-list test")
     args = ap.parse_args()
     console = Console()
     table = Table(title="Sandbox latency and bash-tool throughput (medians; same run)")
@@ -88,6 +136,18 @@ def main() -> None:
         many = bash_throughput(backend, args.concurrent, args.calls)
         table.add_row(backend, f"{start:.1f}", f"{ex:.1f}", f"{one:.1f}", f"{many:.1f}", f"{many / one:.2f}x")
     console.print(table)
+    net = Table(title="network=allowlist vs none, ms (medians; same run); GET: host direct vs sandbox via proxy")
+    for col in ("backend", "start none", "start allow", "exec none", "exec allow", "GET direct", "GET proxy", "ratio"):
+        net.add_column(col, justify="right")
+    allow = {"network": "allowlist", "allow": ["mirror.invalid"]}
+    for backend in args.backends:
+        starts = [statistics.median(start_latency(backend, args.repeat, **o)) * 1e3 for o in ({}, allow)]
+        execs = [statistics.median(exec_latency(backend, args.repeat * 3, **o)) * 1e3 for o in ({}, allow)]
+        console.print(f"{backend}: {args.gets} GETs direct and via the proxy ...")
+        direct, proxied = http_get_ms(backend, args.gets)
+        cells = [*starts, *execs, direct, proxied]
+        net.add_row(backend, *(f"{c:.1f}" for c in cells), f"{proxied / direct:.1f}x")
+    console.print(net)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ Dataflow: start() makes a host work directory. exec() runs
 with the host's /usr (and a few /etc files) bound read-only, private /proc, /dev and /tmp, the work
 directory bound at ``cfg.workdir`` and the root remounted read-only. When the command returns, bwrap's
 PID-namespace init exits and the kernel kills whatever it left (setsid escapees included); on timeout
-the bwrap process group is killed and ``--die-with-parent`` takes the namespace down with it.
+the bwrap process group is killed and ``--die-with-parent`` takes the namespace down with it; close()
+does the same to commands still running in other threads (their exec raises ``SandboxError``).
+``network=allowlist``: the command runs as the child of the egress forwarder (egress.py, forwarder.py;
+host python3, ~35 ms more per command), which relays 127.0.0.1:3128 to the allow-list proxy's socket.
 
 Limits (say them plainly): memory is an address-space rlimit (an allocation fails inside the program,
 e.g. ``MemoryError``; no OOM killer); CPU is a CPU-seconds rlimit (``cpus`` is not enforced); the

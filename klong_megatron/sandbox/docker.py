@@ -11,7 +11,13 @@ and the call retried (logged). Containers carry labels (run id, host, pid): the 
 process removes those whose creating process is gone (``reap_leftovers``), and an exit hook removes
 this process's own; ``docker ps -f label=klong.run=<run_id>`` lists a run's sandboxes.
 
-Limits: the work volume is a Docker named volume (works with remote engines and rootless Docker);
+``network=allowlist``: the container still has no network; its PID 1 is the egress forwarder (egress.py,
+forwarder.py; it reaps orphans like the shell init, and ``kill -1`` cannot touch it), which relays
+127.0.0.1:3128 to this process's allow-list proxy through a bind-mounted unix socket. start() waits until
+the forwarder is listening; the image needs python3 (>= 3.8) for it.
+
+Limits: the work volume is a Docker named volume (works with remote engines and rootless Docker; the
+allow-list's socket needs a local engine);
 disk use is not bounded beyond ``max_file_mb`` per file. A sandbox serves one caller at a time.
 """
 
@@ -188,7 +194,12 @@ class DockerSandbox:
                 self._wait_forwarder()
         except DockerException as e:
             self.close()
-            raise SandboxError(f"sandbox {self.name}: cannot start image {cfg.image!r}: {e}") from e
+            why = (
+                " (network=allowlist runs python3 >= 3.8 from the image as the container's init)"
+                if init != INIT
+                else ""
+            )
+            raise SandboxError(f"sandbox {self.name}: cannot start image {cfg.image!r}{why}: {e}") from e
         except SandboxError:
             self.close()
             raise

@@ -9,6 +9,11 @@ allow-list is connected from the host; anything else gets ``403`` naming the all
 in ``refusals`` (and logged). Programs find the proxy through HTTP(S)_PROXY; ``NO_PROXY`` keeps the
 sandbox's own loopback direct.
 
+Why a unix socket: with the engine run as ``dockerd --iptables=false`` (no NAT, as on many clusters), even an
+``--internal`` Docker network gives containers a default route to every host service bound to 0.0.0.0
+(measured: both the gateway and the host's own address answered). A container with ``--network none``
+plus one bind-mounted socket has exactly one way out, and the same design works for bubblewrap.
+
 Limits: only HTTP proxy clients get out (pip, apt, curl, urllib, git over https); a program ignoring the
 proxy variables has no route at all. Host names are resolved on the host, so the allow-list matches the
 name the client asked for (an IP literal must be listed as such). The unix socket must be reachable by

@@ -126,3 +126,11 @@ def test_network_none_reaches_nothing(backend: str, servers) -> None:
         forced = {"http_proxy": "http://127.0.0.1:3128", "https_proxy": "http://127.0.0.1:3128"}
         assert fetch(sb, b.url(), env=forced).startswith("ERR URLError")  # no forwarder to talk to
     assert (len(a.hits), len(b.hits)) == before
+
+
+@pytest.mark.docker
+def test_docker_allowlist_without_python3_in_the_image_fails_at_start_saying_why() -> None:
+    from klong_megatron.sandbox import SandboxError
+
+    with pytest.raises(SandboxError, match=r"allowlist runs python3.*executable file not found"):
+        started("docker", network="allowlist", allow=["mirror.local"], env={"PATH": "/nonexistent"})
