@@ -90,6 +90,13 @@ class MetricsLogger:
         if self.run is not None:
             self.run.log({f"{prefix}/{k}": float(v) for k, v in metrics.items()}, step=step)
 
+    def log_table(self, step: int, key: str, columns: list[str], rows: list[list[Any]]) -> None:
+        """A W&B table under ``key`` (e.g. sample trajectories); nothing on the console."""
+        if self.enabled and self.run is not None and rows:
+            import wandb
+
+            self.run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+
     def info(self, message: str) -> None:
         if self.enabled:
             self.console.print(message)

@@ -22,8 +22,8 @@ def register_configs() -> None:
     if _registered:
         return
     cs = ConfigStore.instance()
-    from klong_megatron.config import cluster, data, grpo, judge, logger, model, rollout, sandbox, sft, trainer
+    from klong_megatron.config import cluster, data, grpo, judge, logger, model, rl, rollout, sandbox, sft, trainer
 
-    for module in (data, model, trainer, rollout, sandbox, logger, cluster, sft, grpo, judge):
+    for module in (data, model, trainer, rollout, sandbox, logger, cluster, sft, grpo, judge, rl):
         module.register(cs)
     _registered = True

@@ -69,39 +69,63 @@ class DemoTask:
         return {f.name: [f.fn(x) for x in self.inputs] for f in self.functions}
 
     def rubric(self) -> dict[str, Any]:
-        """PaperBench-style rubric whose leaves carry deterministic ``check`` commands."""
-        leaves = [
-            {
-                "id": f"{self.task_id}-{f.name}",
-                "requirements": f"{f.name} is implemented as in the paper.",
-                "weight": 1,
-                "sub_tasks": [],
-                "task_category": "Code Development",
-                "finegrained_task_category": "Method Implementation",
-                "check": f"cd /home/submission && python3 -c 'from {f.name} import {f.name}; "
-                f"assert [{f.name}(x) for x in {self.inputs}] == {[f.fn(x) for x in self.inputs]}'",
-            }
-            for f in self.functions
-        ]
-        result_leaf = {
-            "id": f"{self.task_id}-results",
-            "requirements": "results.json holds every function applied to the inputs.",
-            "weight": max(1, len(self.functions) // 2),
-            "sub_tasks": [],
-            "task_category": "Result Analysis",
-            "finegrained_task_category": "Logging, Analysis & Presentation",
-            "check": "cd /home/submission && python3 -c 'import json; "
-            f'assert json.load(open("results.json")) == {json.dumps(self.results())}\'',
-        }
-        return {
-            "id": self.task_id,
-            "requirements": "The paper's functions and results are reproduced.",
-            "weight": 1,
-            "sub_tasks": [
-                {"id": f"{self.task_id}-code", "requirements": "Functions", "weight": 2, "sub_tasks": leaves},
-                result_leaf,
-            ],
-        }
+        """PaperBench-style rubric whose leaves carry deterministic ``check`` commands.
+
+        Graded like a PaperBench tree: per function "defined" (importable, weight 1) and "correct"
+        (weight 2) under Code Development; reproduce.sh runs and writes results.json (Execution);
+        results.json equals the paper's numbers (Result Analysis). A submission with the right
+        workflow but wrong formulas earns partial credit, which gives RL a graded signal.
+        """
+        sub = "cd /home/submission && "
+        functions = []
+        for f in self.functions:
+            want = [f.fn(x) for x in self.inputs]
+            imp = f"{sub}python3 -c 'from {f.name} import {f.name}; "
+            defined = f"{imp}assert callable({f.name})'"
+            correct = f"{imp}assert [{f.name}(x) for x in {self.inputs}] == {want}'"
+            functions.append(
+                _node(f"{self.task_id}-{f.name}", f"{f.name} is implemented as in the paper.", 1, [
+                    _leaf(f"{self.task_id}-{f.name}-defined", f"{f.name}.py defines {f.name}.", 1, defined,
+                          "Code Development", "Method Implementation"),
+                    _leaf(f"{self.task_id}-{f.name}-correct", f"{f.name} matches the paper's formula.", 2, correct,
+                          "Code Development", "Method Implementation"),
+                ])
+            )  # fmt: skip
+        runs = f"{sub}rm -f results.json && timeout 20 bash reproduce.sh && test -s results.json"
+        matches = (
+            f"{sub}python3 -c 'import json; assert json.load(open(\"results.json\")) == {json.dumps(self.results())}'"
+        )
+        return _node(self.task_id, "The paper's functions and results are reproduced.", 1, [
+            _node(f"{self.task_id}-code", "Functions", 2, functions),
+            _leaf(f"{self.task_id}-runs", "reproduce.sh runs and writes results.json.", 1, runs,
+                  "Code Execution", "Experimental Setup"),
+            _leaf(f"{self.task_id}-results", "results.json holds every function applied to the inputs.", 1, matches,
+                  "Result Analysis", "Logging, Analysis & Presentation"),
+        ])  # fmt: skip
+
+    def files(self) -> dict[str, str]:
+        """Files the agent's sandbox starts with (paths relative to its work dir, ``/home``)."""
+        return {"paper.md": self.paper}
+
+    def prompt(self) -> list[Message]:
+        """The initial conversation of a rollout on this task (system prompt + task)."""
+        return [Message("system", SYSTEM_PROMPT), Message("user", _task_text(self.task_id))]
+
+
+def _node(node_id: str, requirements: str, weight: int, sub_tasks: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"id": node_id, "requirements": requirements, "weight": weight, "sub_tasks": sub_tasks}
+
+
+def _leaf(node_id: str, requirements: str, weight: int, check: str, category: str, fine: str) -> dict[str, Any]:
+    leaf = _node(node_id, requirements, weight, [])
+    return leaf | {"task_category": category, "finegrained_task_category": fine, "check": check}
+
+
+def _task_text(task_id: str) -> str:
+    return (
+        f"Task {task_id}: reproduce the paper in /home/paper.md. "
+        "Produce results.json as the paper describes, and a reproduce.sh that regenerates it."
+    )
 
 
 def make_task(seed: int, num_functions: int) -> DemoTask:
@@ -140,51 +164,53 @@ class _Script:
 
 
 def expert_trajectory(task: DemoTask, seed: int, slip_rate: float = 0.25) -> Trajectory:
-    """A successful solution of ``task`` as a trajectory of tool calls."""
+    """A successful solution of ``task`` as a trajectory of tool calls.
+
+    Tool names, argument names and observation texts are those of ``klong_megatron.sandbox.tools``
+    (work dir ``/home``), so a policy that imitates the expert runs unchanged in a real sandbox.
+    """
     rng = random.Random(seed)
     s = _Script(rng)
-    paper_lines = task.paper.split("\n")
+    paper_lines = task.paper.splitlines()
     for start in range(1, len(paper_lines) + 1, 50):
         chunk = paper_lines[start - 1 : start + 49]
-        listing = "\n".join(f"{start + i}: {line}" for i, line in enumerate(chunk))
+        body = "\n".join(f"{start + i:6d}\t{line}" for i, line in enumerate(chunk))
+        end = start + len(chunk) - 1
         s.turn(
             "Reading the paper.",
             "read_file_chunk",
             {"file": "/home/paper.md", "start_line": start, "max_lines": 50},
-            listing,
+            f"[/home/paper.md: lines {start}-{end} of {len(paper_lines)}]\n{body}",
         )
     s.turn(
         "Setting up the submission directory.",
         "bash",
-        {"cmd": "mkdir -p /home/submission && ls /home"},
+        {"command": "mkdir -p /home/submission && ls /home"},
         "paper.md\nsubmission\n[exit code 0]",
     )
+
+    def write(thought: str, path: str, content: str) -> None:
+        s.turn(thought, "write_file", {"file": path, "content": content},
+               f"Wrote {len(content.encode())} bytes to {path}.")  # fmt: skip
+
     for f in task.functions:
         path = f"/home/submission/{f.name}.py"
         slip = rng.random() < slip_rate
-        s.turn(
-            f"Implementing {f.name}(x) = {f.formula}.",
-            "write_file",
-            {"path": path, "content": f.source(slip)},
-            f"Wrote {len(f.source(slip))} bytes to {path}",
-        )
+        write(f"Implementing {f.name}(x) = {f.formula}.", path, f.source(slip))
         x = task.inputs[0]
         check = f"cd /home/submission && python3 -c 'from {f.name} import {f.name}; print({f.name}({x}))'"
         got = f.fn(x + 1) if slip else f.fn(x)
-        s.turn(
-            f"Checking {f.name}({x}); the paper's formula gives {f.fn(x)}.",
-            "bash",
-            {"cmd": check},
-            f"{got}\n[exit code 0]",
-        )
+        s.turn(f"Checking {f.name}({x}); the paper's formula gives {f.fn(x)}.", "bash", {"command": check},
+               f"{got}\n[exit code 0]")  # fmt: skip
         if slip:
+            old = f.source(True).split("return ")[1].strip()
             s.turn(
                 f"{got} is wrong: I shifted x. Fixing {f.name}.",
                 "edit_file",
-                {"path": path, "old_str": f.source(True).split("return ")[1].strip(), "new_str": f.formula},
-                f"Edited {path}: 1 replacement",
+                {"file": path, "old_str": old, "new_str": f.formula},
+                f"Edited {path} at line 2: replaced {len(old)} chars by {len(f.formula)}.",
             )
-            s.turn(f"Re-checking {f.name}({x}).", "bash", {"cmd": check}, f"{f.fn(x)}\n[exit code 0]")
+            s.turn(f"Re-checking {f.name}({x}).", "bash", {"command": check}, f"{f.fn(x)}\n[exit code 0]")
     run_py = (
         "import json\n"
         + "".join(f"from {f.name} import {f.name}\n" for f in task.functions)
@@ -194,38 +220,24 @@ def expert_trajectory(task: DemoTask, seed: int, slip_rate: float = 0.25) -> Tra
         + "]\n"
         + "json.dump({f.__name__: [f(x) for x in INPUTS] for f in FUNCS}, open('results.json', 'w'))\n"
     )
-    s.turn(
-        "Writing the script that produces results.json.",
-        "write_file",
-        {"path": "/home/submission/run.py", "content": run_py},
-        f"Wrote {len(run_py)} bytes",
-    )
-    s.turn(
-        "Writing reproduce.sh.",
-        "write_file",
-        {"path": "/home/submission/reproduce.sh", "content": "#!/bin/bash\nset -e\npython3 run.py\n"},
-        "Wrote 35 bytes",
-    )
+    write("Writing the script that produces results.json.", "/home/submission/run.py", run_py)
+    write("Writing reproduce.sh.", "/home/submission/reproduce.sh", "#!/bin/bash\nset -e\npython3 run.py\n")
     s.turn(
         "Running the reproduction.",
         "bash",
-        {"cmd": "cd /home/submission && bash reproduce.sh && cat results.json"},
+        {"command": "cd /home/submission && bash reproduce.sh && cat results.json"},
         json.dumps(task.results()) + "\n[exit code 0]",
     )
     s.turn(
         "All transforms match the paper; submitting.",
         "submit",
         {"summary": "Implemented all transforms."},
-        "Submission received.",
+        "Submitted. Your work directory will now be graded.",
     )
-    user = Message(
-        "user",
-        f"Task {task.task_id}: reproduce the paper in /home/paper.md. "
-        "Produce results.json as the paper describes, and a reproduce.sh that regenerates it.",
-    )
-    messages = [Message("system", SYSTEM_PROMPT), user, *s.messages]
     return Trajectory(
-        task.task_id, messages, {"source": "scripted-expert", "turns": s.calls, "num_functions": len(task.functions)}
+        task.task_id,
+        [*task.prompt(), *s.messages],
+        {"source": "scripted-expert", "turns": s.calls, "num_functions": len(task.functions)},
     )
 
 

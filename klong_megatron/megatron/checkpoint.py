@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import os
 import random
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.managers import SyncManager
@@ -152,15 +154,28 @@ def _start_results_queue_ignoring_sigterm() -> None:
     (spawned processes do not inherit Python handlers or the signal mask). Started there, a SIGTERM sent
     to the whole process group kills it and the save in progress fails (BrokenPipeError /
     ConnectionRefusedError). Started here, it ignores SIGTERM (the manager ignores SIGINT itself) and
-    stops when this process exits. A no-op once started, or on a Megatron without that queue.
+    exits when this process exits, however it ends (a killed parent cannot stop it, so it watches its
+    parent). A no-op once started, or on a Megatron without that queue.
     """
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if getattr(filesystem_async, "_results_queue", False) is not None:
         return
     manager = SyncManager(ctx=mp.get_context("spawn"))
-    manager.start(signal.signal, (signal.SIGTERM, signal.SIG_IGN))
+    manager.start(_results_manager_init, (os.getpid(),))
     filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
+
+
+def _results_manager_init(parent: int) -> None:
+    """In the results-queue manager: ignore SIGTERM; exit as soon as ``parent`` is gone."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _publish(partial: Path, final: Path) -> None:

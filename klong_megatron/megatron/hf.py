@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -192,14 +193,61 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, cfg: ModelConfig
             own[name].copy_(tensor)
 
 
-def save_hf_weights(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path, hf_dir: str | Path) -> Path:
+def hf_config(cfg: ModelConfig, tokenizer: Any | None = None) -> dict[str, Any]:
+    """The ``config.json`` of the HF model equal to ``cfg`` (Llama; Qwen2 with qkv bias; Qwen3 with qk norm).
+
+    The vocabulary is ``cfg.vocab_size`` (export cuts Megatron's padded rows). Inverse of
+    :func:`model_config_from_hf` up to ``make_vocab_size_divisible_by``.
+    """
+    arch = "Qwen3ForCausalLM" if cfg.qk_layernorm else "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
+    d, groups, _ = _dims(cfg)
+    out: dict[str, Any] = {
+        "architectures": [arch],
+        "model_type": {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}[arch],
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.ffn_hidden_size or 4 * cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": groups,
+        "head_dim": d,
+        "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.seq_length,
+        "rope_theta": float(cfg.rotary_base),
+        "rms_norm_eps": cfg.norm_epsilon,
+        "tie_word_embeddings": not cfg.untie_embeddings,
+        "attention_bias": cfg.qkv_bias,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+    }
+    if tokenizer is not None:
+        out["eos_token_id"] = tokenizer.eos_token_id
+        out["bos_token_id"] = tokenizer.bos_token_id
+        out["pad_token_id"] = tokenizer.pad_token_id
+    return out
+
+
+def export_hf(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path, tokenizer: Any) -> Path:
+    """Write ``model`` as a self-contained HF checkpoint: safetensors, ``config.json`` and the tokenizer.
+
+    This is what the rollout servers load (``/update_weights_from_disk``, ``klong-devserver``).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(hf_config(cfg, tokenizer), indent=2))
+    tokenizer.save_pretrained(str(out))
+    return save_hf_weights(model, cfg, out)
+
+
+def save_hf_weights(
+    model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path, hf_dir: str | Path | None = None
+) -> Path:
     """Write ``model`` as HF safetensors into ``out_dir``, with config/tokenizer files copied from ``hf_dir``."""
     _check_unsharded(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items() if not k.endswith("_extra_state")}
     save_file(megatron_to_hf(sd, cfg), str(out / "model.safetensors"), metadata={"format": "pt"})
-    for f in Path(hf_dir).iterdir():
+    for f in Path(hf_dir).iterdir() if hf_dir is not None else ():
         if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json", ".bin")):
             shutil.copy2(f, out / f.name)
     return out

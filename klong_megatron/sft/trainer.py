@@ -25,18 +25,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.module import Float16Module
 
 from klong_megatron.config.sft import SFTConfig
 from klong_megatron.logging import MetricsLogger
 from klong_megatron.megatron import checkpoint as ckpt
-from klong_megatron.megatron.model import build_gpt, init_layout_independent, uses_packed_seq_params
+from klong_megatron.megatron.model import uses_packed_seq_params
 from klong_megatron.megatron.parallel import data_parallel_rank_and_size, init_distributed, is_logging_rank
 from klong_megatron.megatron.step import make_forward_step
+from klong_megatron.megatron.training import build_training_model, resolve_bf16
 from klong_megatron.sft.batches import BatchPlan, GlobalBatches, eval_batches, micro_batches
 from klong_megatron.sft.metrics import flops_per_token
 
@@ -85,14 +82,16 @@ class SFTTrainer:
         self.cfg = cfg
         self.out = Path(output_dir)
         self.tcfg = cfg.trainer
-        self.bf16 = self.tcfg.bf16 if self.tcfg.bf16 is not None else torch.cuda.is_available()
+        self.bf16 = resolve_bf16(self.tcfg)
         init_distributed(self.tcfg.parallel, self.tcfg.seed)
         self.train_ds, self.valid_ds, self.collate, self._order = self._datasets(data)
         dp_rank, dp_size = data_parallel_rank_and_size()
         self.plan = BatchPlan(self.tcfg.global_batch_size, self.tcfg.micro_batch_size, dp_size, dp_rank)
         self.save_dir = Path(self.tcfg.save_dir or self.out / "checkpoints")
         self.seq_len = cfg.data.seq_len or cfg.data.policy.max_len
-        self.model, self.optimizer, self.scheduler = self._build()
+        self.model, self.optimizer, self.scheduler = build_training_model(
+            self.cfg.model, self.tcfg, init_from_hf=self.cfg.init_from_hf
+        )
         self.state = ckpt.TrainState()
         self.logger: MetricsLogger | None = None
         self.last_metrics: dict[str, float] = {}
@@ -118,39 +117,6 @@ class SFTTrainer:
             )
         attention = "thd" if uses_packed_seq_params(self.cfg.model) else "mask"
         return train, valid, (lambda samples: collate_fn(samples, attention=attention)), data["order"]
-
-    def _build(self):
-        t = self.tcfg
-        model = build_gpt(self.cfg.model, parallel=t.parallel, bf16=self.bf16)
-        config = model.config
-        if t.layout_independent_init:
-            init_layout_independent(model, self.cfg.model, t.seed)
-        if self.cfg.init_from_hf:
-            from klong_megatron.megatron.hf import load_hf_weights
-
-            load_hf_weights(model, self.cfg.init_from_hf, self.cfg.model)
-        if self.bf16:
-            model = Float16Module(config, model)
-        config.calculate_per_token_loss = True
-        config.finalize_model_grads_func = finalize_model_grads
-        ddp_cfg = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=t.parallel.use_distributed_optimizer
-        )
-        model = DistributedDataParallel(config, ddp_cfg, model)
-        opt_cfg = OptimizerConfig(
-            optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
-            adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad, bf16=self.bf16,
-            params_dtype=torch.bfloat16 if self.bf16 else torch.float32,
-            use_distributed_optimizer=t.parallel.use_distributed_optimizer,
-        )  # fmt: skip
-        optimizer = get_megatron_optimizer(opt_cfg, [model])
-        decay = t.lr_decay_steps or max(1, t.train_steps - t.warmup_steps)
-        scheduler = OptimizerParamScheduler(
-            optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.warmup_steps,
-            lr_decay_steps=t.warmup_steps + decay, lr_decay_style="cosine", start_wd=t.weight_decay,
-            end_wd=t.weight_decay, wd_incr_steps=t.train_steps, wd_incr_style="constant",
-        )  # fmt: skip
-        return model, optimizer, scheduler
 
     def _maybe_resume(self) -> None:
         t = self.tcfg

@@ -1,0 +1,96 @@
+"""``klong-rl``: Hydra app for progressive RL (``hydra_configs/rl.yaml``).
+
+    klong-rl experiment=rl_demo                       # CPU demo: SFT warm-up + two RL stages, minutes
+    klong-rl experiment=rl_demo logger=wandb          # + W&B (WANDB_MODE=offline works without network)
+    klong-rl experiment=rl_demo dry_run=true          # validate the config and the tasks, print the plan
+    klong-rl experiment=rl_glm45_air rollout.servers=[http://n1:30000,http://n2:30000]   # cluster (rl.sbatch)
+
+Exit status: 0 when every stage completed. A killed run restarted with the same ``output_dir``
+continues at the stage and iteration it reached (rollouts already judged are reused).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from klong_megatron.cli.sft import _run_names
+from klong_megatron.config import CONFIG_DIR, register_configs
+from klong_megatron.config.rl import RLConfig
+
+
+def describe(cfg: RLConfig) -> str:
+    """One paragraph: model, stages and rollout volume (the dry-run output)."""
+    stages = ", ".join(
+        f"{s.timeout_s:g}s x {s.iterations} it x {s.tasks_per_iteration} tasks x {s.rollouts_per_task}"
+        for s in cfg.stages
+    )
+    warm = f"SFT warm-up {cfg.rl.sft_warmup.train_steps} steps; " if cfg.rl.sft_warmup is not None else ""
+    return (
+        f"model {cfg.model.num_parameters() / 1e6:.1f}M params; {warm}{len(cfg.stages)} stages ({stages}); "
+        f"engine {cfg.rollout.engine}, sandbox {cfg.sandbox.backend}, advantages {cfg.algo.advantage_mode}, "
+        f"tasks {cfg.tasks.source}"
+    )
+
+
+def run(cfg: RLConfig, output_dir: str | Path, run_name: str | None = None) -> dict:
+    """Train (or, with ``dry_run``, validate) and return the run's scores."""
+    plan = describe(cfg)
+    if cfg.dry_run:
+        from klong_megatron.rl.tasks import build_task_sets
+
+        train, held = build_task_sets(cfg.tasks)
+        print(f"dry run OK: {plan}; {len(train)} training / {len(held)} held-out tasks")
+        return {"dry_run": True, "plan": plan}
+
+    from klong_megatron.logging import MetricsLogger
+    from klong_megatron.megatron.parallel import destroy_distributed, init_distributed, is_logging_rank
+    from klong_megatron.rl.trainer import RLTrainer
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per /generate call otherwise
+
+    init_distributed(cfg.trainer.parallel, cfg.trainer.seed)
+    logger = MetricsLogger(cfg.logger, enabled=is_logging_rank(), run_dir=output_dir, config=asdict(cfg),
+                           default_name=run_name or cfg.name, default_group=cfg.name)  # fmt: skip
+    logger.info(plan)
+    code = 1
+    try:
+        summary = RLTrainer(cfg, output_dir, logger).run()
+        code = 0
+    finally:
+        logger.finish(exit_code=code)
+        destroy_distributed()
+    if summary.get("scores"):
+        _print_scores(logger, summary)
+    return summary
+
+
+def _print_scores(logger, summary: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title="held-out judge score")
+    table.add_column("after")
+    table.add_column("score", justify="right")
+    for label, score in summary["scores"].items():
+        table.add_row(label, f"{score:.3f}")
+    logger.console.print(table)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="rl")
+def _main(dcfg: DictConfig) -> None:
+    cfg: RLConfig = OmegaConf.to_object(dcfg)
+    output_dir, run_name = _run_names()
+    run(cfg, cfg.output_dir or output_dir, run_name)
+
+
+def main() -> None:
+    register_configs()
+    _main()
+
+
+if __name__ == "__main__":
+    main()

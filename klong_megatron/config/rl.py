@@ -1,0 +1,161 @@
+"""Top-level schema of ``klong-rl`` (``hydra_configs/rl.yaml``): progressive RL in stages.
+
+``model``/``data``/``trainer``/``logger``/``cluster`` mean what they mean for ``klong-sft`` (``trainer``
+is the policy optimizer: lr, clipping, parallelism, checkpoints; its ``global_batch_size`` is the
+packed sequences per optimizer step, i.e. the PPO mini-batch). ``algo``, ``rollout``, ``sandbox`` and
+``judge`` are the RL components; ``stages`` the progressive schedule; ``rl`` the loop itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from klong_megatron.config.cluster import ClusterConfig
+from klong_megatron.config.data import DataConfig
+from klong_megatron.config.grpo import GRPOConfig
+from klong_megatron.config.judge import JudgeConfig
+from klong_megatron.config.logger import LoggerConfig
+from klong_megatron.config.model import ModelConfig
+from klong_megatron.config.rollout import RolloutConfig
+from klong_megatron.config.sandbox import SandboxConfig
+from klong_megatron.config.trainer import TrainerConfig
+
+TASK_SOURCES = ("demo", "dir")
+WEIGHT_SYNC = ("disk", "distributed")
+
+
+@dataclass
+class StageConfig:
+    """One progressive-RL stage: rollouts get ``timeout_s`` of wall-clock time (the paper: 2h, 4h, 6h)."""
+
+    timeout_s: float = MISSING
+    iterations: int = 1
+    rollouts_per_task: int = 4
+    """n: rollouts per task (the GRPO group)."""
+    tasks_per_iteration: int = 4
+    max_turns: int | None = None
+    """Overrides rollout.max_turns in this stage."""
+
+    def __post_init__(self) -> None:
+        if self.timeout_s is not MISSING and self.timeout_s <= 0:
+            raise ValueError(f"stages[].timeout_s must be > 0, got {self.timeout_s}")
+        for name in ("iterations", "rollouts_per_task", "tasks_per_iteration"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"stages[].{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_turns is not None and self.max_turns < 1:
+            raise ValueError(f"stages[].max_turns must be >= 1, got {self.max_turns}")
+
+
+@dataclass
+class TasksConfig:
+    """Where RL tasks come from."""
+
+    source: str = "demo"
+    """demo (generated integer-transform papers with check rubrics) or dir (PaperBench-style tasks)."""
+    dir: str | None = None
+    """source=dir: one folder per task with paper.md and rubric.json (optional addendum.md, blacklist.txt)."""
+    eval_dir: str | None = None
+    """source=dir: held-out tasks; None holds out ``num_eval`` tasks of ``dir``."""
+    num_train: int = 64
+    """source=demo: training tasks."""
+    num_eval: int = 8
+    """Held-out tasks scored by every evaluation."""
+    demo_functions: int = 1
+    """source=demo: functions per generated paper."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.source not in TASK_SOURCES:
+            raise ValueError(f"tasks.source must be one of {TASK_SOURCES}, got {self.source!r}")
+        if self.source == "dir" and not self.dir:
+            raise ValueError("tasks.dir must be set when tasks.source=dir")
+        for name in ("num_train", "num_eval", "demo_functions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"tasks.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class RLLoopConfig:
+    """The iteration loop: epochs over each batch, off-policy bounds, evaluation, weight sync."""
+
+    epochs: int = 1
+    """Passes over an iteration's windows (each pass: ceil(rows / trainer.global_batch_size) optimizer steps)."""
+    max_staleness: int = 1
+    """Windows generated with weights more than this many policy versions old are dropped."""
+    partial_rollouts: bool = True
+    """Start the next iteration's rollouts while the current batch is judged and trained."""
+    oversample: float = 1.0
+    """Sample ceil(tasks_per_iteration * oversample) tasks; zero-variance groups are filtered first."""
+    eval_every: int = 0
+    """Evaluate on the held-out tasks every this many iterations (and always at the end of a stage); 0: stage ends."""
+    eval_samples: int = 1
+    """Rollouts per held-out task in an evaluation."""
+    eval_temperature: float | None = None
+    """Sampling temperature of evaluations; None means rollout.sampling.temperature."""
+    weight_sync: str = "disk"
+    """disk: export HF weights and call /update_weights_from_disk; distributed: NCCL broadcast (GPU clusters)."""
+    sft_warmup: TrainerConfig | None = None
+    """Run trajectory-splitting SFT on ``data`` first (the paper's cold start); None starts RL directly."""
+    sft_expert_trajectories: int = 0
+    """tasks.source=demo: write this many scripted-expert trajectories as the warm-up data (0: use data)."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "eval_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rl.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_staleness", "eval_every", "sft_expert_trajectories"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"rl.{name} must be >= 0, got {getattr(self, name)}")
+        if self.oversample < 1.0:
+            raise ValueError(f"rl.oversample must be >= 1, got {self.oversample}")
+        if self.weight_sync not in WEIGHT_SYNC:
+            raise ValueError(f"rl.weight_sync must be one of {WEIGHT_SYNC}, got {self.weight_sync!r}")
+
+
+@dataclass
+class RLConfig:
+    """Policy (model + trainer) + RL components + stages. ``dry_run`` validates and exits."""
+
+    model: ModelConfig = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = MISSING
+    algo: GRPOConfig = field(default_factory=GRPOConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    rl: RLLoopConfig = field(default_factory=RLLoopConfig)
+    stages: list[StageConfig] = field(default_factory=list)
+    name: str = "rl"
+    output_dir: str | None = None
+    """Checkpoints, rollouts, grades and logs; None means Hydra's run directory."""
+    dry_run: bool = False
+    init_from_hf: str | None = None
+    """Local Hugging Face checkpoint to start the policy from."""
+    init_from_checkpoint: str | None = None
+    """A klong-sft checkpoint directory (dist_checkpointing) to start the policy from."""
+
+    def __post_init__(self) -> None:
+        if self.model is MISSING or self.trainer is MISSING:
+            return
+        if not self.stages:
+            raise ValueError("stages must list at least one stage")
+        timeouts = [s.timeout_s for s in self.stages]
+        if any(b < a for a, b in zip(timeouts, timeouts[1:], strict=False)):
+            raise ValueError(f"stages[].timeout_s must not decrease (progressive RL), got {timeouts}")
+        seq = self.data.policy.max_len
+        if seq > self.model.seq_length:
+            raise ValueError(f"data.policy.max_len ({seq}) exceeds model.seq_length ({self.model.seq_length})")
+        if self.rl.weight_sync == "disk" and self.trainer.parallel.model_parallel_size > 1:
+            raise ValueError("rl.weight_sync=disk exports HF weights from one process: it needs trainer.parallel "
+                             "tp = pp = cp = 1 (use weight_sync=distributed for sharded policies)")  # fmt: skip
+
+
+def register(cs: ConfigStore) -> None:
+    cs.store(name="rl_schema", node=RLConfig)

@@ -1,0 +1,191 @@
+"""The RL policy on Megatron-Core: old/reference log-probs and GRPO updates over packed window rows.
+
+Dataflow of ``update(rows)``: rows (``rl/windows.pack_rows``, identical on every rank) -> this
+data-parallel rank's share (padded with zero-loss rows so every rank runs the same number of
+micro-batches) -> old log-probs with the current weights (forward only) and, when ``algo.kl_coef``
+> 0, reference log-probs with the frozen initial policy -> unknown rollout log-probs replaced by the
+old ones (TIS weight 1) -> ``epochs`` passes of mini-batches of ``trainer.global_batch_size`` rows:
+``get_forward_backward_func`` with the RL loss (``megatron/rl_loss.py``: per-token sums, gradients
+divided by the global trained-token count) -> optimizer + LR scheduler step -> metrics reduced over DP.
+
+Limits: HF export for weight sync runs at TP = PP = 1 (``megatron/hf.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from klong_megatron.config.rl import RLConfig
+from klong_megatron.data.dataset import collate
+from klong_megatron.megatron import checkpoint as ckpt
+from klong_megatron.megatron.model import build_gpt, uses_packed_seq_params
+from klong_megatron.megatron.parallel import data_parallel_rank_and_size, init_distributed
+from klong_megatron.megatron.rl_loss import make_logprob_forward_step, make_rl_forward_step, reduce_rl_reports
+from klong_megatron.megatron.training import build_training_model, resolve_bf16
+
+Row = dict[str, Any]
+
+
+def _to_batch(rows: list[Row], attention: str) -> dict[str, Any]:
+    items = [
+        {k: torch.from_numpy(np.asarray(r[k])) for k in ("tokens", "labels", "loss_mask", "position_ids", "cu_seqlens")}
+        | {"trajectory_ids": r["trajectory_ids"]}
+        for r in rows
+    ]
+    batch = collate(items, attention=attention)
+    for key in ("advantages", "rollout_logprobs", "old_logprobs", "ref_logprobs"):
+        if key in rows[0]:
+            batch[key] = torch.from_numpy(np.stack([np.asarray(r[key], np.float32) for r in rows]))
+    return batch
+
+
+class Policy:
+    """Megatron model + optimizer of the RL run (every rank builds one)."""
+
+    def __init__(self, cfg: RLConfig) -> None:
+        self.cfg = cfg
+        t = cfg.trainer
+        init_distributed(t.parallel, t.seed)
+        self.model, self.optimizer, self.scheduler = build_training_model(cfg.model, t, init_from_hf=cfg.init_from_hf)
+        if cfg.init_from_checkpoint:
+            self.load_weights(cfg.init_from_checkpoint)
+        self.attention = "thd" if uses_packed_seq_params(cfg.model) else "mask"
+        self.dp_rank, self.dp_size = data_parallel_rank_and_size()
+        self.ref: torch.nn.Module | None = None
+        self.steps = 0
+
+    # ----- weights -----------------------------------------------------------------------------
+    def load_weights(self, path: str | Path) -> None:
+        """Model weights only from a dist checkpoint (a klong-sft run's ``checkpoints`` dir or one step)."""
+        if not Path(path).exists():
+            raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+        ckpt.load_model_weights(path, self.model)
+
+    def freeze_reference(self) -> None:
+        """Copy the current weights into a frozen reference model (for the KL penalty)."""
+        ref = build_gpt(self.cfg.model, parallel=self.cfg.trainer.parallel, bf16=resolve_bf16(self.cfg.trainer))
+        own = {k: v for k, v in _unwrap(self.model).state_dict().items() if not k.endswith("_extra_state")}
+        ref.load_state_dict(own, strict=False)
+        ref.requires_grad_(False).eval()
+        self.ref = ref
+
+    def save(self, save_dir: str | Path, version: int) -> Path:
+        return ckpt.save_checkpoint(
+            save_dir,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            ckpt.TrainState(step=self.steps, consumed_samples=version),
+        )
+
+    def load(self, save_dir: str | Path) -> int:
+        """Restore model, optimizer, scheduler and RNG; returns the saved policy version."""
+        state = ckpt.load_checkpoint(save_dir, self.model, self.optimizer, self.scheduler)
+        self.steps = state.step
+        return state.consumed_samples
+
+    def export_hf(self, out_dir: str | Path, tokenizer: Any) -> Path:
+        from klong_megatron.megatron.hf import export_hf
+
+        return export_hf(self.model, self.cfg.model, out_dir, tokenizer)
+
+    # ----- forward passes ----------------------------------------------------------------------
+    def _local(self, rows: list[Row]) -> list[Row]:
+        """This DP rank's rows, padded with zero-loss copies to a multiple of micro x (global / DP)."""
+        mbs = self.cfg.trainer.micro_batch_size
+        per_rank = math.ceil(len(rows) / self.dp_size)
+        per_rank = math.ceil(per_rank / mbs) * mbs
+        local = rows[self.dp_rank :: self.dp_size]
+        pad = dict(rows[0]) | {"loss_mask": np.zeros_like(rows[0]["loss_mask"]), "trajectory_ids": []}
+        return local + [pad] * (per_rank - len(local))
+
+    def _micro(self, rows: list[Row]) -> list[dict[str, Any]]:
+        mbs = self.cfg.trainer.micro_batch_size
+        return [_to_batch(rows[i : i + mbs], self.attention) for i in range(0, len(rows), mbs)]
+
+    def _run(self, model: torch.nn.Module, step_fn: Any, rows: list[Row], *, forward_only: bool) -> list[dict]:
+        mbs = self._micro(rows)
+        return get_forward_backward_func()(
+            forward_step_func=step_fn,
+            data_iterator=iter(mbs),
+            model=[model],
+            num_microbatches=len(mbs),
+            seq_length=len(rows[0]["tokens"]),
+            micro_batch_size=self.cfg.trainer.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    @torch.no_grad()
+    def logprobs(self, rows: list[Row], *, reference: bool = False) -> list[np.ndarray]:
+        """Per-row log-prob of ``labels`` (float32 [S]) under the current (or reference) weights.
+
+        Call with this rank's rows. Non-last pipeline stages get zeros (they never use them).
+        """
+        a = self.cfg.algo
+        model = self.ref if reference else self.model
+        if model is None:
+            raise ValueError("no reference model: call freeze_reference() first")
+        model.eval()
+        out = self._run(model, make_logprob_forward_step(chunk_size=a.logprob_chunk_size, temperature=a.temperature),
+                        rows, forward_only=True)  # fmt: skip
+        model.train()
+        seq = len(rows[0]["tokens"])
+        if not parallel_state.is_pipeline_last_stage():
+            return [np.zeros(seq, np.float32) for _ in rows]
+        flat = torch.cat([o["logprobs"].reshape(-1, seq) for o in out]).float().cpu().numpy()
+        return list(flat)
+
+    def update(self, rows: list[Row]) -> dict[str, float]:
+        """``epochs`` x mini-batch optimizer steps on ``rows`` (same list on every rank); returns step means."""
+        t = self.cfg.trainer
+        local = self._local(rows)
+        old = self.logprobs(local)
+        ref = self.logprobs(local, reference=True) if self.cfg.algo.kl_coef > 0 else None
+        for i, r in enumerate(local):
+            r = local[i] = dict(r)
+            r["old_logprobs"] = old[i]
+            lp = np.asarray(r["rollout_logprobs"], np.float32)
+            r["rollout_logprobs"] = np.where(np.isnan(lp), old[i], lp)
+            if ref is not None:
+                r["ref_logprobs"] = ref[i]
+        per_step = max(t.micro_batch_size, t.global_batch_size // self.dp_size)
+        reports: list[dict] = []
+        grad_norms: list[float] = []
+        for _ in range(self.cfg.rl.epochs):
+            for s in range(0, len(local), per_step):
+                self.model.zero_grad_buffer()
+                self.optimizer.zero_grad()
+                reports += self._run(self.model, make_rl_forward_step(self.cfg.algo), local[s : s + per_step],
+                                     forward_only=False)  # fmt: skip
+                _, grad_norm, _ = self.optimizer.step()
+                self.scheduler.step(increment=1)
+                grad_norms.append(float(grad_norm or 0.0))
+                self.steps += 1
+        metrics = reduce_rl_reports(reports, parallel_state.get_data_parallel_group())
+        metrics["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
+        metrics["optimizer_steps"] = float(len(grad_norms))
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        return metrics
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def broadcast_object(obj: Any) -> Any:
+    """``obj`` from global rank 0 on every rank (identity in a one-process world)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

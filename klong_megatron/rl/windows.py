@@ -1,0 +1,178 @@
+"""Judged rollouts -> RL training rows: windows, shared advantages, staleness, packed sequences.
+
+Dataflow: recorded rollout (``meta.message_ids``/``steps``, see ``rollout/agent.py``) + judge reward ->
+``rendered_from_record`` -> ``split_trajectory`` with the SFT splitter's ContextPolicy (the windows are
+exactly the contexts the agent saw) -> one advantage per rollout (``compute_advantages``; every window of
+a rollout inherits it) -> per-token rollout log-probs and policy versions gathered through
+``Window.positions`` -> windows older than ``max_staleness`` versions dropped -> packed rows of
+``seq_len`` tokens (best-fit, per-window position ids, block-diagonal attention) with per-token
+``advantages`` and ``rollout_logprobs`` aligned with ``labels``.
+
+Trained tokens are the engine's sampled tokens only: an end-of-turn token the agent appended after a
+turn cut by ``max_new_tokens`` has no behaviour log-prob and is not trained. Pure numpy/torch math.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from klong_megatron.algo.grpo import compute_advantages, zero_variance_groups
+from klong_megatron.data.context import ContextPolicy
+from klong_megatron.data.pack import build_sequence, pack_lengths
+from klong_megatron.data.split import split_trajectory
+from klong_megatron.data.trajectory import Trajectory
+from klong_megatron.rollout.agent import rendered_from_record
+
+
+@dataclass
+class JudgedRollout:
+    """A finished rollout, its judge score in [0, 1] and its GRPO group (the task within the iteration)."""
+
+    trajectory: Trajectory
+    reward: float
+    group: str
+
+
+@dataclass
+class RLWindow:
+    """One training window of a rollout."""
+
+    rollout_id: str
+    group: str
+    input_ids: np.ndarray
+    """int32 [L]"""
+    loss_mask: np.ndarray
+    """uint8 [L]: 1 on sampled assistant tokens trained in this window"""
+    rollout_logprobs: np.ndarray
+    """float32 [L]: the engine's log-prob of each token; NaN where it has none"""
+    advantage: float
+    version: int
+    """oldest policy version that sampled one of the trained tokens (staleness = current - version)"""
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def _version(v: object) -> int:
+    return int(v) if isinstance(v, int) or (isinstance(v, str) and v.isdigit()) else 0
+
+
+def token_arrays(traj: Trajectory) -> tuple[np.ndarray, np.ndarray]:
+    """Per position of the full rendering: (rollout log-prob float32 [N], NaN where none; policy version
+    int64 [N], -1 where the engine did not sample the token: prompt, headers, suffixes, appended eot)."""
+    lens = [len(m) for m in traj.meta["message_ids"]]
+    starts = np.concatenate([[0], np.cumsum(lens)])
+    logprobs = np.full(int(starts[-1]), np.nan, np.float32)
+    versions = np.full(int(starts[-1]), -1, np.int64)
+    for step in traj.meta["steps"]:
+        s = int(starts[step["message"]]) + int(step["header_len"])
+        n = len(step["output_ids"])
+        if step.get("logprobs") is not None and len(step["logprobs"]) == n:
+            logprobs[s : s + n] = np.asarray(step["logprobs"], np.float32)
+        versions[s : s + n] = _version(step.get("weight_version"))
+    return logprobs, versions
+
+
+def split_rollout(traj: Trajectory, policy: ContextPolicy) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Windows of one rollout as (input_ids, loss_mask, positions); trained = sampled assistant tokens."""
+    logprobs, versions = token_arrays(traj)
+    out = []
+    for w in split_trajectory(rendered_from_record(traj), policy):
+        sampled = np.where(w.positions >= 0, versions[np.maximum(w.positions, 0)] >= 0, False)
+        out.append((w.input_ids, (w.loss_mask.astype(bool) & sampled).astype(np.uint8), w.positions))
+    return out
+
+
+def build_rl_windows(
+    rollouts: Sequence[JudgedRollout],
+    policy: ContextPolicy,
+    *,
+    mode: str = "klong",
+    eps: float = 1e-6,
+    filter_zero_variance: bool = True,
+    current_version: int = 0,
+    max_staleness: int | None = None,
+) -> tuple[list[RLWindow], dict[str, float]]:
+    """Split, advantage, filter. Returns (windows, stats).
+
+    Stats: ``rollouts``, ``windows`` (kept), ``windows_per_rollout`` (before filtering),
+    ``filtered_groups`` (zero-variance groups dropped), ``dropped_stale`` (windows older than
+    ``max_staleness``), ``staleness_mean`` and ``staleness_max`` over kept windows.
+    """
+    if not rollouts:
+        return [], {"rollouts": 0.0, "windows": 0.0}
+    split = [split_rollout(r.trajectory, policy) for r in rollouts]
+    groups = {g: i for i, g in enumerate(dict.fromkeys(r.group for r in rollouts))}
+    rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float64)
+    group_index = torch.tensor([groups[r.group] for r in rollouts])
+    num_windows = torch.tensor([len(ws) for ws in split])
+    adv = compute_advantages(rewards, group_index, num_windows, mode=mode, eps=eps)  # type: ignore[arg-type]
+    flat = (
+        zero_variance_groups(rewards, group_index) if filter_zero_variance else torch.zeros(len(rollouts), dtype=bool)
+    )
+    out: list[RLWindow] = []
+    dropped = 0
+    for r, ws, a, skip in zip(rollouts, split, adv.tolist(), flat.tolist(), strict=True):
+        if skip:
+            continue
+        logprobs, versions = token_arrays(r.trajectory)
+        for ids, mask, pos in ws:
+            if not mask.any():
+                continue
+            safe = np.maximum(pos, 0)
+            lp = np.where(pos >= 0, logprobs[safe], np.nan).astype(np.float32)
+            version = int(versions[safe][mask.astype(bool)].min())
+            if max_staleness is not None and current_version - version > max_staleness:
+                dropped += 1
+                continue
+            out.append(RLWindow(r.trajectory.id, r.group, ids, mask, lp, float(a), version))
+    stale = [current_version - w.version for w in out]
+    stats = {
+        "rollouts": float(len(rollouts)),
+        "windows": float(len(out)),
+        "windows_per_rollout": float(num_windows.float().mean()),
+        "filtered_groups": float(len({r.group for r, f in zip(rollouts, flat.tolist(), strict=True) if f})),
+        "dropped_stale": float(dropped),
+        "staleness_mean": float(np.mean(stale)) if stale else 0.0,
+        "staleness_max": float(max(stale)) if stale else 0.0,
+    }
+    return out, stats
+
+
+def pack_rows(windows: Sequence[RLWindow], seq_len: int, pad_id: int) -> list[dict[str, np.ndarray]]:
+    """Pack windows into rows of ``seq_len`` tokens (best-fit decreasing, deterministic).
+
+    Each row: ``tokens``, ``labels``, ``loss_mask``, ``position_ids``, ``cu_seqlens`` as in
+    ``data.pack.build_sequence``, plus ``advantages`` float32 [S] (the window's advantage on its
+    tokens) and ``rollout_logprobs`` float32 [S] (log-prob of ``labels[t]``; NaN where unknown), and
+    ``trajectory_ids``. Raises ValueError for a window longer than ``seq_len``.
+    """
+    rows = []
+    for b in pack_lengths([len(w) for w in windows], seq_len):
+        ws = [windows[i] for i in b]
+        seq = build_sequence([(w.input_ids, w.loss_mask, w.rollout_id) for w in ws], seq_len, pad_id)
+        adv = np.zeros(seq_len, np.float32)
+        lp = np.full(seq_len, np.nan, np.float32)
+        s = 0
+        for w in ws:
+            n = len(w)
+            adv[s : s + n] = w.advantage
+            lp[s : s + n - 1] = w.rollout_logprobs[1:]
+            s += n
+        rows.append(
+            {
+                "tokens": seq.tokens,
+                "labels": seq.labels,
+                "loss_mask": seq.loss_mask,
+                "position_ids": seq.position_ids,
+                "cu_seqlens": seq.cu_seqlens,
+                "advantages": adv,
+                "rollout_logprobs": lp,
+                "trajectory_ids": seq.trajectory_ids,
+            }
+        )
+    return rows

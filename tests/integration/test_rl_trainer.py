@@ -1,0 +1,96 @@
+"""``klong-rl`` end to end on CPU: dev server over HTTP, bubblewrap sandboxes, check-command judge,
+Megatron GRPO updates, weight pushes; SIGKILL mid-stage and resume without re-running or re-judging.
+
+A random tiny model scores 0 on every rollout, so the groups are zero-variance: the run keeps them
+(``algo.filter_zero_variance=false``) to exercise the update path (advantage 0: the loss is the KL and
+clipping terms only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.bwrap
+
+TINY = [
+    "experiment=rl_demo",
+    "rl.sft_warmup=null",
+    "stages=[{timeout_s:15,iterations:3,rollouts_per_task:2,tasks_per_iteration:2}]",
+    "rollout.max_turns=2",
+    "rollout.sampling.max_new_tokens=32",
+    "rollout.concurrency=2",
+    "tasks.num_eval=1",
+    "rl.eval_samples=1",
+    "algo.filter_zero_variance=false",
+    "algo.kl_coef=0.01",
+    "trainer.global_batch_size=2",
+]
+
+
+def _start(out: Path, *extra: str) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "klong_megatron.cli.rl",
+        *TINY,
+        f"output_dir={out}",
+        f"hydra.run.dir={out}/hydra",
+        *extra,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True)  # fmt: skip
+
+
+def _state(out: Path) -> dict:
+    path = out / "rl_state.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def test_rl_run_is_killed_mid_stage_and_resumes_without_rejudging(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = _start(out)
+    deadline = time.monotonic() + 240
+    while _state(out).get("iteration", 0) < 1 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    first, _ = proc.communicate(timeout=30)
+    assert _state(out).get("iteration") == 1, first[-4000:]
+    judged = (out / "rollouts" / "stage0_iter0000.jsonl").read_bytes()
+    judged_ids = [json.loads(line)["id"] for line in judged.splitlines()]
+    assert len(judged_ids) == 4
+
+    proc = _start(out, "logger=wandb", "logger.mode=offline")
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-6000:]
+    assert "resumed: stage 0, iteration 1, policy version 1" in log
+    state = _state(out)
+    assert state["stage"] == 1 and state["version"] == 3
+    assert set(state["scores"]) == {"initial", "stage0"}
+    # The judged rollouts of iteration 0 were neither re-run nor re-judged; later files hold each rollout once.
+    assert (out / "rollouts" / "stage0_iter0000.jsonl").read_bytes() == judged
+    for i in (1, 2):
+        ids = [json.loads(x)["id"] for x in (out / "rollouts" / f"stage0_iter000{i}.jsonl").read_text().splitlines()]
+        assert len(ids) == len(set(ids)) == 4
+        trajs = [json.loads(x) for x in (out / "rollouts" / f"stage0_iter000{i}.jsonl").read_text().splitlines()]
+        assert all("reward" in t["meta"] and t["meta"]["steps"] for t in trajs)
+    # Each iteration trained (GRPO metrics logged) and pushed new weights that the server then sampled with.
+    for key in ("rl/stage0", "kl", "clip_frac", "entropy", "reward_mean", "windows/windows"):
+        assert key in log, key
+    last = [json.loads(x) for x in (out / "rollouts" / "stage0_iter0002.jsonl").read_text().splitlines()]
+    versions = {s["weight_version"] for t in last for s in t["meta"]["steps"]}
+    assert versions <= {"1", "2"} and versions, versions
+    assert (out / "checkpoints" / "latest").exists() and (out / "checkpoints_best" / "latest").exists()
+    run_dir = next((out / "wandb").glob("offline-run-*"))
+    deadline = time.monotonic() + 60  # the W&B service may still be flushing
+    while b"rl/stage0/samples" not in b"".join(p.read_bytes() for p in run_dir.glob("*.wandb")):
+        assert time.monotonic() < deadline, "no sample-trajectory table in the W&B run"
+        time.sleep(0.5)
