@@ -139,6 +139,23 @@ def cpu_compat_active() -> bool:
 
 
 @contextlib.contextmanager
+def in_this_thread():
+    """Enter the device-mapping mode in the calling thread if the layer is active and the thread lacks it.
+
+    Torch function modes are per thread: :func:`apply_cpu_compat` enters the mode in the thread that
+    called it, so a worker thread that runs Megatron code (the RL trainer trains in one while its
+    rollouts run on the event loop) must enter it too. A no-op on a GPU.
+    """
+    from torch.overrides import _get_current_function_mode_stack
+
+    if not _applied or any(isinstance(m, CudaToCpuMode) for m in _get_current_function_mode_stack()):
+        yield
+        return
+    with CudaToCpuMode():
+        yield
+
+
+@contextlib.contextmanager
 def suspended():
     """Temporarily leave the device-mapping mode (for benchmarks measuring its overhead)."""
     if _mode is None:

@@ -69,11 +69,13 @@ class Policy:
             raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
         ckpt.load_model_weights(path, self.model)
 
-    def freeze_reference(self) -> None:
-        """Copy the current weights into a frozen reference model (for the KL penalty)."""
+    def freeze_reference(self, ref_dir: str | Path) -> None:
+        """The reference model (KL penalty) = the weights in ``ref_dir`` if saved there, else the current
+        weights, saved to ``ref_dir`` so that a resumed run gets the same reference. Collective."""
         ref = build_gpt(self.cfg.model, parallel=self.cfg.trainer.parallel, bf16=resolve_bf16(self.cfg.trainer))
-        own = {k: v for k, v in _unwrap(self.model).state_dict().items() if not k.endswith("_extra_state")}
-        ref.load_state_dict(own, strict=False)
+        if ckpt.latest_step(ref_dir) is None:
+            ckpt.save_checkpoint(ref_dir, self.model, None, None, ckpt.TrainState())
+        ckpt.load_model_weights(ref_dir, ref)
         ref.requires_grad_(False).eval()
         self.ref = ref
 
@@ -174,12 +176,6 @@ class Policy:
         metrics["optimizer_steps"] = float(len(grad_norms))
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         return metrics
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def broadcast_object(obj: Any) -> Any:

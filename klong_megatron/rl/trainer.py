@@ -38,6 +38,7 @@ from klong_megatron.data.context import ContextPolicy
 from klong_megatron.data.render import Renderer
 from klong_megatron.data.trajectory import Trajectory, read_trajectories
 from klong_megatron.logging import MetricsLogger
+from klong_megatron.megatron import cpu_compat
 from klong_megatron.rl.policy import Policy, broadcast_object
 from klong_megatron.rl.tasks import SUBMISSION_DIR, RLTask, build_task_sets, sample_tasks
 from klong_megatron.rl.windows import JudgedRollout, build_rl_windows, pack_rows
@@ -228,13 +229,16 @@ class RLTrainer:
     def _train_command(self, cmd: dict[str, Any]) -> dict[str, Any]:
         """Run one command on every rank (rank 0 broadcasts it); returns rank 0's result."""
         cmd = broadcast_object(cmd)
-        if cmd["op"] == "update":
-            return self.policy.update(cmd["rows"])
-        if cmd["op"] == "save":
-            self.policy.save(self.save_dir, cmd["version"])
-            return {}
-        if cmd["op"] == "sft":
-            return self._sft_warmup()
+        with cpu_compat.in_this_thread():  # rank 0 trains in a worker thread
+            if cmd["op"] == "update":
+                return self.policy.update(cmd["rows"])
+            if cmd["op"] == "save":
+                self.policy.save(self.save_dir, cmd["version"])
+                return {}
+            if cmd["op"] == "sft":
+                return self._sft_warmup()
+            if cmd["op"] == "reference":
+                self.policy.freeze_reference(self.out / "reference")
         return {}
 
     def follow(self) -> None:
@@ -338,10 +342,8 @@ class RLTrainer:
     async def _drive(self) -> dict[str, Any]:
         st, c = self.state, self.cfg
         if st.version > 0 or st.stage > 0 or st.iteration > 0:
-            st.version = await asyncio.to_thread(self.policy.load, self.save_dir)
+            st.version = self.policy.load(self.save_dir)
             self.logger.info(f"resumed: stage {st.stage}, iteration {st.iteration}, policy version {st.version}")
-        elif c.algo.kl_coef > 0:
-            await asyncio.to_thread(self.policy.freeze_reference)
         await self._start_services()
         try:
             first = c.stages[0]
@@ -356,6 +358,8 @@ class RLTrainer:
                 await self.evaluate("sft", first)
             elif c.rl.sft_warmup is None:
                 await self.evaluate("initial", first)
+            if c.algo.kl_coef > 0:  # the policy RL starts from (after SFT), restored from disk on resume
+                self._train_command({"op": "reference"})
             for s in range(st.stage, len(c.stages)):
                 await self._run_stage(s)
         finally:
