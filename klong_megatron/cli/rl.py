@@ -3,10 +3,12 @@
     klong-rl experiment=rl_demo                       # CPU demo: SFT warm-up + two RL stages, minutes
     klong-rl experiment=rl_demo logger=wandb          # + W&B (WANDB_MODE=offline works without network)
     klong-rl experiment=rl_demo dry_run=true          # validate the config and the tasks, print the plan
-    klong-rl experiment=rl_glm45_air rollout.servers=[http://n1:30000,http://n2:30000]   # cluster (rl.sbatch)
+    sbatch --nodes 5 slurm/rl.sbatch experiment=rl_qwen3_8b data.tokenizer=path/to/Qwen3-8B   # cluster
 
-Exit status: 0 when every stage completed. A killed run restarted with the same ``output_dir``
-continues at the stage and iteration it reached (rollouts already judged are reused).
+Exit status: 0 when every stage completed; 128 + N after signal N (SIGTERM, Ctrl-C), which stops the
+run at once (in-flight rollouts are dropped; an update in progress finishes and is saved first) and
+stops the servers and sandboxes it started. A run killed or stopped this way and restarted with the
+same ``output_dir`` continues at the stage and iteration it reached (rollouts already judged are reused).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def run(cfg: RLConfig, output_dir: str | Path, run_name: str | None = None) -> d
     code = 1
     try:
         summary = RLTrainer(cfg, output_dir, logger).run()
-        code = 0
+        code = 128 + summary["signal"] if summary.get("signal") else 0
     finally:
         logger.finish(exit_code=code)
         destroy_distributed()
@@ -84,7 +86,9 @@ def _print_scores(logger, summary: dict) -> None:
 def _main(dcfg: DictConfig) -> None:
     cfg: RLConfig = OmegaConf.to_object(dcfg)
     output_dir, run_name = _run_names()
-    run(cfg, cfg.output_dir or output_dir, run_name)
+    summary = run(cfg, cfg.output_dir or output_dir, run_name)
+    if summary.get("signal"):
+        raise SystemExit(128 + summary["signal"])
 
 
 def main() -> None:

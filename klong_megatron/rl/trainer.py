@@ -22,12 +22,15 @@ re-judged. Only global rank 0 runs rollouts and the judge; every rank trains (ro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import shutil
+import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,7 @@ from klong_megatron.data.context import ContextPolicy
 from klong_megatron.data.render import Renderer
 from klong_megatron.data.trajectory import Trajectory, read_trajectories
 from klong_megatron.logging import MetricsLogger
+from klong_megatron.megatron import checkpoint as ckpt
 from klong_megatron.megatron import cpu_compat
 from klong_megatron.rl.policy import Policy, broadcast_object
 from klong_megatron.rl.tasks import SUBMISSION_DIR, RLTask, build_task_sets, sample_tasks
@@ -96,6 +100,9 @@ class RLTrainer:
         self.judge: Any = None
         self.log_step = 0
         self.timings: dict[str, float] = {}
+        self.stop_signal: int | None = None
+        self._critical = False
+        self._main: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ setup / teardown
     def _export(self, version: int) -> Path:
@@ -313,11 +320,12 @@ class RLTrainer:
             pending = None
             if self.cfg.rl.partial_rollouts and i + 1 < stage.iterations:
                 pending = asyncio.create_task(self._iteration_rollouts(s, i + 1))
-            metrics = await asyncio.to_thread(self._update, trajs, s, i)
-            st.version += 1
-            await asyncio.to_thread(self._train_command, {"op": "save", "version": st.version})
-            st.stage, st.iteration = (s, i + 1)
-            st.save(self.state_path)
+            with self._no_interrupt():
+                metrics = await asyncio.to_thread(self._update, trajs, s, i)
+                st.version += 1
+                await asyncio.to_thread(self._train_command, {"op": "save", "version": st.version})
+                st.stage, st.iteration = (s, i + 1)
+                st.save(self.state_path)
             await self.servers.push(self._export(st.version), st.version)
             self.log_step += 1
             metrics |= _rollout_metrics(trajs) | {"iteration_s": time.perf_counter() - t0, "stage": s}
@@ -339,9 +347,29 @@ class RLTrainer:
         shutil.rmtree(best, ignore_errors=True)
         shutil.copytree(self.save_dir, best)
 
+    def _on_signal(self, sig: int) -> None:
+        """SIGTERM / SIGINT: stop now, except inside update -> save -> state (then right after it)."""
+        self.stop_signal = sig
+        self.logger.info(f"[yellow]{signal.Signals(sig).name}: stopping (judged rollouts are kept)[/yellow]")
+        if not self._critical and self._main is not None:
+            self._main.cancel()
+
+    @contextlib.contextmanager
+    def _no_interrupt(self) -> Iterator[None]:
+        self._critical = True
+        try:
+            yield
+        finally:
+            self._critical = False
+        if self.stop_signal is not None:
+            raise asyncio.CancelledError
+
     async def _drive(self) -> dict[str, Any]:
         st, c = self.state, self.cfg
-        if st.version > 0 or st.stage > 0 or st.iteration > 0:
+        self._main = asyncio.current_task()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, self._on_signal, sig)
+        if ckpt.latest_step(self.save_dir) is not None:
             st.version = self.policy.load(self.save_dir)
             self.logger.info(f"resumed: stage {st.stage}, iteration {st.iteration}, policy version {st.version}")
         await self._start_services()
@@ -349,7 +377,10 @@ class RLTrainer:
             first = c.stages[0]
             if c.rl.sft_warmup is not None and not st.sft_done:
                 await self.evaluate("initial", first)
-                self._train_command({"op": "sft"})  # main thread: the SFT trainer installs signal handlers
+                sft = self._train_command({"op": "sft"})  # main thread: the SFT trainer handles signals itself
+                if sft.get("signal"):
+                    self.stop_signal = sft["signal"]
+                    raise asyncio.CancelledError
                 st.sft_done = True
                 self._train_command({"op": "save", "version": 0})
                 st.save(self.state_path)
@@ -373,6 +404,11 @@ class RLTrainer:
             return {}
         try:
             return asyncio.run(self._drive())
+        except asyncio.CancelledError:
+            if self.stop_signal is None:
+                raise
+            self.logger.info(f"stopped by {signal.Signals(self.stop_signal).name}; rerun to resume")
+            return {"scores": dict(self.state.scores), "signal": int(self.stop_signal)}
         finally:
             broadcast_object({"op": "stop"})
 

@@ -1,5 +1,6 @@
 """``klong-rl`` end to end on CPU: dev server over HTTP, bubblewrap sandboxes, check-command judge,
-Megatron GRPO updates, weight pushes; SIGKILL mid-stage and resume without re-running or re-judging.
+Megatron GRPO updates, weight pushes; SIGKILL and then SIGTERM mid-stage, and resume without re-running
+or re-judging.
 
 A random tiny model scores 0 on every rollout, so the groups are zero-variance: the run keeps them
 (``algo.filter_zero_variance=false``) to exercise the update path (advantage 0: the loss is the KL and
@@ -68,10 +69,22 @@ def test_rl_run_is_killed_mid_stage_and_resumes_without_rejudging(tmp_path: Path
     judged_ids = [json.loads(line)["id"] for line in judged.splitlines()]
     assert len(judged_ids) == 4
 
+    # SIGTERM (Slurm preemption, scancel) to the whole process group: clean stop, exit 143, nothing left running.
+    proc = _start(out)
+    deadline = time.monotonic() + 240
+    while _state(out).get("iteration", 0) < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    second, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, second[-4000:]
+    assert "resumed: stage 0, iteration 1, policy version 1" in second and "stopped by SIGTERM" in second
+    leftovers = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert not leftovers, f"processes of the stopped run still running: {leftovers}"
+
     proc = _start(out, "logger=wandb", "logger.mode=offline")
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, log[-6000:]
-    assert "resumed: stage 0, iteration 1, policy version 1" in log
+    assert "resumed: stage 0, iteration 2, policy version 2" in log
     state = _state(out)
     assert state["stage"] == 1 and state["version"] == 3
     assert set(state["scores"]) == {"initial", "stage0"}
