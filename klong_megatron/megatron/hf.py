@@ -3,6 +3,7 @@
     cfg = model_config_from_hf(hf_dir, seq_length=8192)   # ModelConfig from config.json
     load_hf_weights(megatron_model, hf_dir, cfg)          # HF tensors -> this GPTModel
     save_hf_weights(megatron_model, cfg, out_dir, hf_dir) # GPTModel -> HF safetensors (+ config, tokenizer)
+    hf_tensors(megatron_model, cfg)                       # GPTModel -> {HF name: tensor} (weight sync)
 
 Name/layout mapping (local and Transformer Engine specs): q/k/v projections are fused into
 ``linear_qkv`` in Megatron's grouped order (per KV group: its query heads, then k, then v);
@@ -236,6 +237,17 @@ def export_hf(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path, tok
     (out / "config.json").write_text(json.dumps(hf_config(cfg, tokenizer), indent=2))
     tokenizer.save_pretrained(str(out))
     return save_hf_weights(model, cfg, out)
+
+
+def hf_tensors(model: torch.nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """``model``'s weights under HF names (what ``/update_weights_from_distributed`` sends).
+
+    Tensors stay on the model's device and dtype, detached; names and layout are those of
+    :func:`save_hf_weights` (vocabulary padding cut). Whole model only (TP = PP = 1).
+    """
+    _check_unsharded(model)
+    sd = {k: v.detach() for k, v in _unwrap(model).state_dict().items() if not k.endswith("_extra_state")}
+    return megatron_to_hf(sd, cfg)
 
 
 def save_hf_weights(

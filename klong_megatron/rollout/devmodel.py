@@ -39,6 +39,8 @@ class CausalLM(Protocol):
 
     def load_weights(self, path: str) -> None: ...
 
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
 
 class HFCausalLM:
     """A local Hugging Face causal LM (``AutoModelForCausalLM``), fp32 on CPU unless told otherwise."""
@@ -73,6 +75,21 @@ class HFCausalLM:
         """Copy the weights of the HF checkpoint at ``path`` in place (same architecture required)."""
         new = HFCausalLM.from_dir(path, device=self.device, dtype=next(self.model.parameters()).dtype)
         self.model.load_state_dict(new.model.state_dict(), strict=True)
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy the given HF-named tensors in place (any subset; cast to the model's dtype/device).
+
+        All names and shapes are checked before anything is copied: a bad update changes nothing.
+        """
+        own = self.model.state_dict()
+        for name, t in tensors.items():
+            if name not in own:
+                raise ValueError(f"unknown parameter {name!r} (not in this {type(self.model).__name__})")
+            if tuple(t.shape) != tuple(own[name].shape):
+                raise ValueError(f"{name}: shape {tuple(t.shape)}, the model has {tuple(own[name].shape)}")
+        with torch.no_grad():
+            for name, t in tensors.items():
+                own[name].copy_(t)
 
 
 def tiny_llama(vocab_size: int, *, seed: int = 0, max_context: int = 4096, eos_token_id: int | None = None) -> Any:
@@ -180,6 +197,13 @@ class DevModel:
         with self._lock:
             self.lm.load_weights(path)
             self.weight_version = version
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], version: str | None) -> None:
+        """Copy named tensors into the model between requests; ``version=None`` keeps the version."""
+        with self._lock:
+            self.lm.load_tensors(tensors)
+            if version is not None:
+                self.weight_version = version
 
 
 class DevEngine:

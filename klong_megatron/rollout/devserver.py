@@ -8,8 +8,11 @@ Endpoints: POST /generate (``input_ids`` or ``text``, ``sampling_params``, ``ret
 ``rid``), GET|POST /health_generate, GET /health, POST /flush_cache, POST /abort_request
 (``rid`` or ``abort_all``), POST /update_weights_from_disk (``model_path``, ``weight_version``),
 GET /get_model_info, GET /get_server_info, POST /v1/chat/completions (OpenAI format; needs a
-tokenizer with a chat template). /init_weights_update_group and /update_weights_from_distributed
-answer ``success: false`` (NCCL weight sync needs real SGLang on GPUs).
+tokenizer with a chat template), and the distributed weight sync: POST /init_weights_update_group
+(join the trainer's group as rank ``rank_offset``; returns once the group is formed),
+POST /update_weights_from_distributed (receive one broadcast from rank 0 per ``names`` entry, then
+load them as HF parameters between generations), POST /destroy_weights_update_group; same bodies and
+replies as SGLang (``rollout/weight_group.py``). ``backend=gloo`` on CPU; ``nccl`` needs the model on a GPU.
 
 This is a development server for CPU runs and tests, not a replacement for SGLang: no batching,
 no prefix cache, no parallelism; throughput is one sequence at a time.
@@ -28,6 +31,13 @@ from typing import Any
 
 from klong_megatron.rollout.devmodel import DevModel
 from klong_megatron.rollout.engine import Generation, SamplingParams
+from klong_megatron.rollout.weight_group import (
+    BACKENDS,
+    destroy_weight_group,
+    init_weight_group,
+    parse_dtype,
+    receive_tensors,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +58,27 @@ def _field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], defau
 
 
 class DevServer:
-    """Owns the model, the tokenizer (optional) and the HTTP server. ``port=0`` picks a free port."""
+    """Owns the model, the tokenizer (optional) and the HTTP server. ``port=0`` picks a free port.
+
+    ``weight_sync_timeout_s`` bounds joining a weight-update group and each of its broadcasts.
+    """
 
     def __init__(
-        self, model: DevModel, *, tokenizer: Any = None, host: str = "127.0.0.1", port: int = 0, model_path: str = ""
+        self,
+        model: DevModel,
+        *,
+        tokenizer: Any = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        model_path: str = "",
+        weight_sync_timeout_s: float = 300.0,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.model_path = model_path
+        self.weight_sync_timeout_s = weight_sync_timeout_s
+        self._groups: dict[str, tuple[Any, str]] = {}  # group_name -> (process group, backend)
+        self._groups_lock = threading.Lock()
         self.httpd = ThreadingHTTPServer((host, port), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.dev = self  # type: ignore[attr-defined]
@@ -179,6 +202,69 @@ class DevServer:
         self.model_path = path
         return {"success": True, "message": f"loaded {path} as weight_version {version}", "num_paused_requests": 0}
 
+    # ------------------------------------------------------------------ distributed weight sync (SGLang's API)
+    def init_weights_update_group(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        address, port = _field(body, "master_address", str), _field(body, "master_port", int)
+        rank, world = _field(body, "rank_offset", int), _field(body, "world_size", int)
+        name, backend = _field(body, "group_name", str, _GROUP), _field(body, "backend", str, "nccl")
+        device = self._model_device()
+        if backend not in BACKENDS:
+            raise BadRequest(f"field 'backend': expected one of {BACKENDS}, got {backend!r}")
+        if backend == "nccl" and not device.startswith("cuda"):
+            return 400, _fail(f"backend 'nccl' needs GPUs: this dev server's model is on {device}; use backend='gloo'")
+        with self._groups_lock:
+            if name in self._groups:
+                return 400, _fail(f"weight update group {name!r} already exists (destroy it first)")
+            self._groups[name] = (None, backend)  # reserved while joining
+        try:
+            pg = init_weight_group(backend=backend, master_address=address, master_port=port, rank=rank,
+                                   world_size=world, group_name=name, timeout_s=self.weight_sync_timeout_s)  # fmt: skip
+        except Exception as e:  # the rendezvous failed or timed out: report it like SGLang
+            self._groups.pop(name, None)
+            return 400, _fail(f"failed to join weight update group {name!r} at {address}:{port} as rank {rank}: {e}")
+        self._groups[name] = (pg, backend)
+        return 200, {"success": True, "message": f"joined weight update group {name!r} as rank {rank} of {world}"}
+
+    def update_weights_from_distributed(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        names, dtypes, shapes = (_field(body, k, list) for k in ("names", "dtypes", "shapes"))
+        name = _field(body, "group_name", str, _GROUP)
+        version = body.get("weight_version")
+        if not len(names) == len(dtypes) == len(shapes):
+            raise BadRequest(f"fields 'names', 'dtypes', 'shapes' differ in length: {len(names)}, {len(dtypes)}, "
+                             f"{len(shapes)}")  # fmt: skip
+        try:
+            types = [parse_dtype(d) for d in dtypes]
+        except ValueError as e:
+            raise BadRequest(f"field 'dtypes': {e}") from None
+        if not all(isinstance(s, list) and all(isinstance(n, int) and n >= 0 for n in s) for s in shapes):
+            raise BadRequest("field 'shapes': expected a list of lists of non-negative ints")
+        pg, backend = self._groups.get(name, (None, ""))
+        if pg is None:
+            return 400, _fail(f"weight update group {name!r} is not initialised (call /init_weights_update_group)")
+        try:
+            tensors = receive_tensors(pg, types, shapes, device="cpu" if backend == "gloo" else self._model_device())
+        except Exception as e:
+            return 400, _fail(f"receiving {len(names)} tensors over {name!r} failed: {e}")
+        try:
+            self.model.load_tensors(dict(zip(names, tensors, strict=True)), None if version is None else str(version))
+        except ValueError as e:
+            return 400, _fail(f"received {len(names)} tensors but did not load them: {e}")
+        return 200, {"success": True, "message": f"loaded {len(names)} tensors as weight_version "
+                                                  f"{self.model.weight_version}"}  # fmt: skip
+
+    def destroy_weights_update_group(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        name = _field(body, "group_name", str, _GROUP)
+        with self._groups_lock:
+            pg, _ = self._groups.get(name, (None, ""))
+            if pg is None:
+                return 400, _fail(f"weight update group {name!r} is not initialised")
+            del self._groups[name]
+        destroy_weight_group(pg)
+        return 200, {"success": True, "message": f"destroyed weight update group {name!r}"}
+
+    def _model_device(self) -> str:
+        return str(getattr(self.model.lm, "device", "cpu"))
+
     def model_info(self) -> dict[str, Any]:
         return {
             "model_path": self.model_path,
@@ -197,7 +283,18 @@ class DevServer:
         }
 
 
-_UNSUPPORTED = {"/init_weights_update_group", "/update_weights_from_distributed"}
+_GROUP = "weight_update_group"  # SGLang's default group_name
+
+
+def _fail(message: str) -> dict[str, Any]:
+    return {"success": False, "message": message}
+
+
+_WEIGHT_SYNC = {
+    "/init_weights_update_group": DevServer.init_weights_update_group,
+    "/update_weights_from_distributed": DevServer.update_weights_from_distributed,
+    "/destroy_weights_update_group": DevServer.destroy_weights_update_group,
+}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -276,6 +373,6 @@ class _Handler(BaseHTTPRequestHandler):
             return 200, "Cache flushed (the dev server keeps no prefix cache)"
         if path == "/update_weights_from_disk":
             return 200, dev.update_weights_from_disk(body)
-        if path in _UNSUPPORTED:
-            return 400, {"success": False, "message": f"{path}: NCCL weight sync needs SGLang on GPUs"}
+        if path in _WEIGHT_SYNC:
+            return _WEIGHT_SYNC[path](dev, body)
         return 404, {"error": {"message": f"no route {path}"}}
