@@ -65,6 +65,8 @@ class TasksConfig:
     """Held-out tasks scored by every evaluation."""
     demo_functions: int = 1
     """source=demo: functions per generated paper."""
+    demo_forms: int = 5
+    """source=demo: formula templates drawn from (1 = only ``a * x + b`` ... 5 = all)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -72,7 +74,7 @@ class TasksConfig:
             raise ValueError(f"tasks.source must be one of {TASK_SOURCES}, got {self.source!r}")
         if self.source == "dir" and not self.dir:
             raise ValueError("tasks.dir must be set when tasks.source=dir")
-        for name in ("num_train", "num_eval", "demo_functions"):
+        for name in ("num_train", "num_eval", "demo_functions", "demo_forms"):
             if getattr(self, name) < 1:
                 raise ValueError(f"tasks.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -96,7 +98,12 @@ class RLLoopConfig:
     eval_temperature: float | None = None
     """Sampling temperature of evaluations; None means rollout.sampling.temperature."""
     weight_sync: str = "disk"
-    """disk: export HF weights and call /update_weights_from_disk; distributed: NCCL broadcast (GPU clusters)."""
+    """disk: export HF weights and call /update_weights_from_disk (servers must see output_dir);
+    distributed: broadcast from trainer rank 0 to the servers (NCCL on GPUs, gloo on CPU)."""
+    weight_sync_address: str | None = None
+    """distributed: an address of trainer rank 0 the servers can reach; None: this host's name."""
+    weight_sync_port: int = 0
+    """distributed: the group's port on trainer rank 0 (not MASTER_PORT); 0: a free port."""
     sft_warmup: TrainerConfig | None = None
     """Run trajectory-splitting SFT on ``data`` first (the paper's cold start); None starts RL directly."""
     sft_expert_trajectories: int = 0
@@ -152,9 +159,11 @@ class RLConfig:
         seq = self.data.policy.max_len
         if seq > self.model.seq_length:
             raise ValueError(f"data.policy.max_len ({seq}) exceeds model.seq_length ({self.model.seq_length})")
-        if self.rl.weight_sync == "disk" and self.trainer.parallel.model_parallel_size > 1:
-            raise ValueError("rl.weight_sync=disk exports HF weights from one process: it needs trainer.parallel "
-                             "tp = pp = cp = 1 (use weight_sync=distributed for sharded policies)")  # fmt: skip
+        if self.trainer.parallel.model_parallel_size > 1:
+            raise ValueError(
+                "weight sync to the rollout servers sends HF weights from one process: the RL policy needs "
+                "trainer.parallel tp = pp = cp = 1 (scale it with DP + the distributed optimizer)"
+            )
 
 
 def register(cs: ConfigStore) -> None:

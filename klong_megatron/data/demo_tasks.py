@@ -128,11 +128,15 @@ def _task_text(task_id: str) -> str:
     )
 
 
-def make_task(seed: int, num_functions: int) -> DemoTask:
+def make_task(seed: int, num_functions: int, forms: int = len(_FORMS)) -> DemoTask:
+    """A paper of ``num_functions`` transforms, each drawn from the first ``forms`` formula templates
+    (1: only ``a * x + b``, the easiest to reproduce); a pure function of the arguments."""
+    if not 1 <= forms <= len(_FORMS):
+        raise ValueError(f"forms must be in [1, {len(_FORMS)}], got {forms}")
     rng = random.Random(seed)
     functions = []
     for k in range(1, num_functions + 1):
-        template, make = rng.choice(_FORMS)
+        template, make = rng.choice(_FORMS[:forms])
         a, b = rng.randint(1, 9), rng.randint(0, 9)
         formula = template.format(a=a, b=b, m=b + 2)
         functions.append(DemoFunction(f"f{k}", formula, make(a, b)))

@@ -15,13 +15,14 @@ under the work dir, which is what the judge grades.
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from klong_megatron.config.rl import TasksConfig
-from klong_megatron.data.demo_tasks import SYSTEM_PROMPT, make_task
-from klong_megatron.data.trajectory import Message
+from klong_megatron.data.demo_tasks import SYSTEM_PROMPT, expert_trajectory, make_task
+from klong_megatron.data.trajectory import Message, Trajectory
 from klong_megatron.judge.rubric import TaskNode, load_rubric, rubric_from_dict
 
 SUBMISSION_DIR = "submission"
@@ -41,8 +42,12 @@ class RLTask:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _demo_task(seed: int, num_functions: int) -> RLTask:
-    t = make_task(seed, num_functions)
+def _demo_seed(cfg: TasksConfig, split: int, i: int) -> int:
+    return cfg.seed * 1_000_000 + split + i
+
+
+def _demo_task(seed: int, cfg: TasksConfig) -> RLTask:
+    t = make_task(seed, cfg.demo_functions, cfg.demo_forms)
     rubric = rubric_from_dict(t.rubric(), f"demo task {t.task_id}")
     return RLTask(t.task_id, t.prompt(), t.files(), rubric, paper=t.paper)
 
@@ -76,9 +81,8 @@ def _task_dirs(path: str) -> list[Path]:
 def build_task_sets(cfg: TasksConfig) -> tuple[list[RLTask], list[RLTask]]:
     """(training tasks, held-out tasks) for ``cfg``; deterministic."""
     if cfg.source == "demo":
-        base = cfg.seed * 1_000_000
-        train = [_demo_task(base + _TRAIN_SEED + i, cfg.demo_functions) for i in range(cfg.num_train)]
-        held = [_demo_task(base + _EVAL_SEED + i, cfg.demo_functions) for i in range(cfg.num_eval)]
+        train = [_demo_task(_demo_seed(cfg, _TRAIN_SEED, i), cfg) for i in range(cfg.num_train)]
+        held = [_demo_task(_demo_seed(cfg, _EVAL_SEED, i), cfg) for i in range(cfg.num_eval)]
         return train, held
     tasks = [load_task_dir(d) for d in _task_dirs(cfg.dir or "")]
     if cfg.eval_dir:
@@ -86,6 +90,14 @@ def build_task_sets(cfg: TasksConfig) -> tuple[list[RLTask], list[RLTask]]:
     if len(tasks) <= cfg.num_eval:
         raise ValueError(f"tasks.dir has {len(tasks)} tasks: too few to hold out tasks.num_eval={cfg.num_eval}")
     return tasks[cfg.num_eval :], tasks[: cfg.num_eval]
+
+
+def demo_expert_trajectories(cfg: TasksConfig, count: int) -> Iterator[Trajectory]:
+    """Scripted-expert solutions of the first ``count`` demo training tasks (the SFT warm-up data;
+    ``count`` may exceed ``num_train``: the seeds go on). Held-out tasks are never used."""
+    for i in range(count):
+        seed = _demo_seed(cfg, _TRAIN_SEED, i)
+        yield expert_trajectory(make_task(seed, cfg.demo_functions, cfg.demo_forms), seed=seed)
 
 
 def sample_tasks(tasks: list[RLTask], count: int, *, seed: int, stage: int, iteration: int) -> list[RLTask]:

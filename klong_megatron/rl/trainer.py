@@ -96,6 +96,7 @@ class RLTrainer:
         self.state_path = self.out / "rl_state.json"
         self.state = RLState.load(self.state_path)
         self.servers: Any = None
+        self.sync: Any = None
         self.pool: Any = None
         self.judge: Any = None
         self.log_step = 0
@@ -129,9 +130,35 @@ class RLTrainer:
         await asyncio.to_thread(self.pool.start)
         self.servers = RolloutServers(self.cfg.rollout, self._export(self.state.version))
         await self.servers.wait_healthy()
-        await self.servers.push(self._export(self.state.version), self.state.version)
+        if self.cfg.rl.weight_sync == "distributed":
+            self.sync = self._distributed_sync()
+        await self._push(self.state.version)
+
+    def _distributed_sync(self) -> Any:
+        import socket
+
+        import torch
+
+        from klong_megatron.rl.weight_sync import DistributedWeightSync, free_port
+
+        r = self.cfg.rl
+        return DistributedWeightSync(
+            self.servers.engine,
+            master_address=r.weight_sync_address or socket.gethostname(),
+            master_port=r.weight_sync_port or free_port(),
+            backend="nccl" if torch.cuda.is_available() else "gloo",
+        )
+
+    async def _push(self, version: int) -> None:
+        """The servers get policy ``version``: by broadcast (distributed) or an HF export on disk."""
+        if self.sync is not None:
+            await self.sync.push_model(self.policy.model, self.cfg.model, str(version))
+        else:
+            await self.servers.push(self._export(version), version)
 
     async def _stop_services(self) -> None:
+        if self.sync is not None:
+            await self.sync.close()
         if self.servers is not None:
             await self.servers.close()
         if self.pool is not None:
@@ -270,15 +297,13 @@ class RLTrainer:
         return summary
 
     def _write_expert_data(self) -> Path:
-        from klong_megatron.data.demo_tasks import expert_trajectory, make_task
         from klong_megatron.data.trajectory import write_jsonl
+        from klong_megatron.rl.tasks import demo_expert_trajectories
 
         path = self.out / "sft" / "expert_trajectories.jsonl"
         if self.rank0 and not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            base = self.cfg.tasks.seed * 1_000_000 + 10_000  # the RL training tasks' seeds
-            trajs = (expert_trajectory(make_task(base + k, self.cfg.tasks.demo_functions), seed=base + k)
-                     for k in range(self.cfg.rl.sft_expert_trajectories))  # fmt: skip
+            trajs = demo_expert_trajectories(self.cfg.tasks, self.cfg.rl.sft_expert_trajectories)
             write_jsonl(path, (t.to_json() for t in trajs))
         broadcast_object(None)  # every rank waits for the file
         return path
@@ -326,7 +351,7 @@ class RLTrainer:
                 await asyncio.to_thread(self._train_command, {"op": "save", "version": st.version})
                 st.stage, st.iteration = (s, i + 1)
                 st.save(self.state_path)
-            await self.servers.push(self._export(st.version), st.version)
+            await self._push(st.version)
             self.log_step += 1
             metrics |= _rollout_metrics(trajs) | {"iteration_s": time.perf_counter() - t0, "stage": s}
             metrics |= {k: v for k, v in self.judge.queue.metrics().items() if "latency" in k or "wait" in k}
@@ -385,7 +410,7 @@ class RLTrainer:
                 self._train_command({"op": "save", "version": 0})
                 st.save(self.state_path)
                 shutil.rmtree(self.out / "weights" / f"v{0:05d}", ignore_errors=True)
-                await self.servers.push(self._export(0), 0)
+                await self._push(0)
                 await self.evaluate("sft", first)
             elif c.rl.sft_warmup is None:
                 await self.evaluate("initial", first)
