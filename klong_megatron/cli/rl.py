@@ -72,13 +72,16 @@ def run(cfg: RLConfig, output_dir: str | Path, run_name: str | None = None) -> d
 
 
 def _print_scores(logger, summary: dict) -> None:
+    """Held-out score after each phase, with the wall time of the phase that led to it."""
     from rich.table import Table
 
+    wall = summary.get("wall_s", {})
     table = Table(title="held-out judge score")
-    table.add_column("after")
-    table.add_column("score", justify="right")
+    for col in ("after", "score", "phase wall time"):
+        table.add_column(col, justify="left" if col == "after" else "right")
     for label, score in summary["scores"].items():
-        table.add_row(label, f"{score:.3f}")
+        phase = wall.get(label, wall.get(f"eval_{label}"))  # sft, stage<k>; else the evaluation itself
+        table.add_row(label, f"{score:.3f}", f"{phase:.0f} s" if phase is not None else "")
     logger.console.print(table)
 
 

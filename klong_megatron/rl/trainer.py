@@ -64,6 +64,8 @@ class RLState:
     scores: dict[str, float] = dataclasses.field(default_factory=dict)
     """held-out judge score per evaluation label (initial, sft, stage0, ...)"""
     best: dict[str, Any] = dataclasses.field(default_factory=dict)
+    wall_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    """wall time per phase: ``sft`` (warm-up), ``stage<k>`` (its iterations and evaluations), ``eval_<label>``"""
 
     @classmethod
     def load(cls, path: Path) -> RLState:
@@ -100,7 +102,6 @@ class RLTrainer:
         self.pool: Any = None
         self.judge: Any = None
         self.log_step = 0
-        self.timings: dict[str, float] = {}
         self.stop_signal: int | None = None
         self._critical = False
         self._main: asyncio.Task | None = None
@@ -234,16 +235,14 @@ class RLTrainer:
         stage = self.cfg.stages[s]
         count = math.ceil(stage.tasks_per_iteration * self.cfg.rl.oversample)
         tasks = sample_tasks(self.train_tasks, count, seed=self.cfg.rl.seed, stage=s, iteration=i)
-        t0 = time.perf_counter()
-        trajs = await self._collect(f"stage{s}_iter{i:04d}", tasks, stage.rollouts_per_task, stage, "train",
-                                    meta={"stage": s, "iteration": i})  # fmt: skip
-        self.timings[f"rollout_s/{s}/{i}"] = time.perf_counter() - t0
-        return trajs
+        return await self._collect(f"stage{s}_iter{i:04d}", tasks, stage.rollouts_per_task, stage, "train",
+                                   meta={"stage": s, "iteration": i})  # fmt: skip
 
     async def evaluate(self, label: str, stage: StageConfig) -> float:
         """Mean judge score of ``rl.eval_samples`` rollouts per held-out task; recorded under ``label``."""
         if label in self.state.scores:
             return self.state.scores[label]
+        t0 = time.perf_counter()
         trajs = await self._collect(f"eval_{label}", self.eval_tasks, self.cfg.rl.eval_samples, stage, "eval",
                                     temperature=self.cfg.rl.eval_temperature)  # fmt: skip
         score = float(np.mean([t.meta["reward"] for t in trajs])) if trajs else 0.0
@@ -256,6 +255,7 @@ class RLTrainer:
         self.logger.log(self.log_step, metrics, prefix=f"eval/{label}")
         self.logger.info(f"[bold green]held-out judge score ({label}): {score:.3f}[/bold green]")
         self.state.scores[label] = score
+        self.state.wall_s[f"eval_{label}"] = time.perf_counter() - t0
         self.state.save(self.state_path)
         return score
 
@@ -354,17 +354,25 @@ class RLTrainer:
             await self._push(st.version)
             self.log_step += 1
             metrics |= _rollout_metrics(trajs) | {"iteration_s": time.perf_counter() - t0, "stage": s}
+            metrics["tokens_per_s"] = metrics.get("tokens", 0.0) / metrics["iteration_s"]
             metrics |= {k: v for k, v in self.judge.queue.metrics().items() if "latency" in k or "wait" in k}
             self.logger.log(self.log_step, metrics, prefix=f"rl/stage{s}")
             self.logger.log_table(self.log_step, f"rl/stage{s}/samples", list(_SAMPLE_COLUMNS), _sample_rows(trajs))
             if self.cfg.rl.eval_every and (i + 1) % self.cfg.rl.eval_every == 0 and i + 1 < stage.iterations:
                 await self.evaluate(f"stage{s}_iter{i + 1}", stage)
+            self._add_wall(f"stage{s}", t0)
+        t0 = time.perf_counter()
         score = await self.evaluate(f"stage{s}", stage)
+        self._add_wall(f"stage{s}", t0)
         if score >= self.state.best.get("score", -1.0):
             self.state.best = {"score": score, "version": st.version, "label": f"stage{s}"}
             self._mark_best()
         st.stage, st.iteration = s + 1, 0
         st.save(self.state_path)
+
+    def _add_wall(self, phase: str, t0: float) -> None:
+        self.state.wall_s[phase] = self.state.wall_s.get(phase, 0.0) + time.perf_counter() - t0
+        self.state.save(self.state_path)
 
     def _mark_best(self) -> None:
         """Copy the current checkpoint to ``checkpoints_best`` (the last one stays in ``checkpoints``)."""
@@ -402,11 +410,13 @@ class RLTrainer:
             first = c.stages[0]
             if c.rl.sft_warmup is not None and not st.sft_done:
                 await self.evaluate("initial", first)
+                t0 = time.perf_counter()
                 sft = self._train_command({"op": "sft"})  # main thread: the SFT trainer handles signals itself
                 if sft.get("signal"):
                     self.stop_signal = sft["signal"]
                     raise asyncio.CancelledError
                 st.sft_done = True
+                st.wall_s["sft"] = st.wall_s.get("sft", 0.0) + time.perf_counter() - t0
                 self._train_command({"op": "save", "version": 0})
                 st.save(self.state_path)
                 shutil.rmtree(self.out / "weights" / f"v{0:05d}", ignore_errors=True)
@@ -420,7 +430,7 @@ class RLTrainer:
                 await self._run_stage(s)
         finally:
             await self._stop_services()
-        return {"scores": dict(st.scores), "best": st.best, "version": st.version}
+        return {"scores": dict(st.scores), "best": st.best, "version": st.version, "wall_s": dict(st.wall_s)}
 
     def run(self) -> dict[str, Any]:
         """Rank 0 drives the whole run; the others follow its training commands."""
