@@ -14,26 +14,29 @@ same ``output_dir`` continues at the stage and iteration it reached (rollouts al
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from klong_megatron.cli.sft import _run_names
+from klong_megatron.cli.sft import _run_names, data_parallel_size
 from klong_megatron.config import CONFIG_DIR, register_configs
 from klong_megatron.config.rl import RLConfig
 
 
-def describe(cfg: RLConfig) -> str:
-    """One paragraph: model, stages and rollout volume (the dry-run output)."""
+def describe(cfg: RLConfig, world_size: int = 1) -> str:
+    """One paragraph: model, layout, stages and rollout volume (the dry-run output); checks the layout."""
+    dp = data_parallel_size(cfg.trainer, world_size)
     stages = ", ".join(
         f"{s.timeout_s:g}s x {s.iterations} it x {s.tasks_per_iteration} tasks x {s.rollouts_per_task}"
         for s in cfg.stages
     )
     warm = f"SFT warm-up {cfg.rl.sft_warmup.train_steps} steps; " if cfg.rl.sft_warmup is not None else ""
     return (
-        f"model {cfg.model.num_parameters() / 1e6:.1f}M params; {warm}{len(cfg.stages)} stages ({stages}); "
+        f"model {cfg.model.num_parameters() / 1e6:.1f}M params, world {world_size} = DP {dp}; "
+        f"{warm}{len(cfg.stages)} stages ({stages}); "
         f"engine {cfg.rollout.engine}, sandbox {cfg.sandbox.backend}, advantages {cfg.algo.advantage_mode}, "
         f"tasks {cfg.tasks.source}"
     )
@@ -41,7 +44,7 @@ def describe(cfg: RLConfig) -> str:
 
 def run(cfg: RLConfig, output_dir: str | Path, run_name: str | None = None) -> dict:
     """Train (or, with ``dry_run``, validate) and return the run's scores."""
-    plan = describe(cfg)
+    plan = describe(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.dry_run:
         from klong_megatron.rl.tasks import build_task_sets
 
