@@ -22,6 +22,7 @@ from klong_megatron.config.model import ModelConfig
 from klong_megatron.config.rollout import RolloutConfig
 from klong_megatron.config.sandbox import SandboxConfig
 from klong_megatron.config.trainer import TrainerConfig
+from klong_megatron.data.demo_tasks import NUM_FORMS
 
 TASK_SOURCES = ("demo", "dir")
 WEIGHT_SYNC = ("disk", "distributed")
@@ -77,6 +78,8 @@ class TasksConfig:
         for name in ("num_train", "num_eval", "demo_functions", "demo_forms"):
             if getattr(self, name) < 1:
                 raise ValueError(f"tasks.{name} must be >= 1, got {getattr(self, name)}")
+        if self.demo_forms > NUM_FORMS:
+            raise ValueError(f"tasks.demo_forms must be <= {NUM_FORMS} (the formula templates), got {self.demo_forms}")
 
 
 @dataclass
@@ -156,6 +159,10 @@ class RLConfig:
         timeouts = [s.timeout_s for s in self.stages]
         if any(b < a for a, b in zip(timeouts, timeouts[1:], strict=False)):
             raise ValueError(f"stages[].timeout_s must not decrease (progressive RL), got {timeouts}")
+        reserve, new = self.data.policy.gen_reserve, self.rollout.sampling.max_new_tokens
+        if reserve < new:
+            raise ValueError(f"data.policy.gen_reserve ({reserve}) must hold a whole assistant turn: at least "
+                             f"rollout.sampling.max_new_tokens ({new}) + the turn's header and end tokens")  # fmt: skip
         seq = self.data.policy.max_len
         if seq > self.model.seq_length:
             raise ValueError(f"data.policy.max_len ({seq}) exceeds model.seq_length ({self.model.seq_length})")

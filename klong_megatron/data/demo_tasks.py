@@ -38,6 +38,7 @@ _FORMS = [
     ("max(x - {a}, {b})", lambda a, b: lambda x: max(x - a, b)),
     ("x // {m} + {a}", lambda a, b: lambda x: x // (b + 2) + a),
 ]
+NUM_FORMS = len(_FORMS)
 _FILLER = [
     "Prior work studied related transforms in depth; we refer the reader to the appendix for details.",
     "All experiments are deterministic and run on a single CPU core in under a second.",
@@ -128,11 +129,11 @@ def _task_text(task_id: str) -> str:
     )
 
 
-def make_task(seed: int, num_functions: int, forms: int = len(_FORMS)) -> DemoTask:
+def make_task(seed: int, num_functions: int, forms: int = NUM_FORMS) -> DemoTask:
     """A paper of ``num_functions`` transforms, each drawn from the first ``forms`` formula templates
     (1: only ``a * x + b``, the easiest to reproduce); a pure function of the arguments."""
-    if not 1 <= forms <= len(_FORMS):
-        raise ValueError(f"forms must be in [1, {len(_FORMS)}], got {forms}")
+    if not 1 <= forms <= NUM_FORMS:
+        raise ValueError(f"forms must be in [1, {NUM_FORMS}], got {forms}")
     rng = random.Random(seed)
     functions = []
     for k in range(1, num_functions + 1):

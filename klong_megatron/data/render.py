@@ -38,16 +38,20 @@ _LOCAL_CONTEXT = 3
 """Messages of history a template may look back at when rendering one message (verified, see _local_layout)."""
 
 BYTE_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "byte_tokenizer"
+BUNDLED_TOKENIZERS = {"byte": BYTE_TOKENIZER_DIR, "demo_bpe": BYTE_TOKENIZER_DIR.parent / "demo_bpe_tokenizer"}
+"""``byte``: 256 bytes + ChatML (tools/make_byte_tokenizer.py); ``demo_bpe``: BPE learned on the demo task
+family, ~3x fewer tokens, for the CPU RL demo (tools/make_demo_tokenizer.py)."""
 
 
 @cache
 def load_tokenizer(spec: str) -> Any:
-    """A Hugging Face tokenizer from a local directory, or ``"byte"`` for the bundled byte-level one."""
+    """A Hugging Face tokenizer from a local directory, or a bundled one by name (``BUNDLED_TOKENIZERS``)."""
     from transformers import AutoTokenizer
 
-    path = BYTE_TOKENIZER_DIR if spec == "byte" else Path(spec)
+    path = BUNDLED_TOKENIZERS.get(spec, Path(spec))
     if not (path / "tokenizer_config.json").exists() and not (path / "tokenizer.json").exists():
-        raise ValueError(f"tokenizer: {spec!r} is neither 'byte' nor a local tokenizer directory")
+        names = " / ".join(repr(n) for n in BUNDLED_TOKENIZERS)
+        raise ValueError(f"tokenizer: {spec!r} is neither {names} nor a local tokenizer directory")
     tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if not tok.chat_template:
         raise ValueError(f"tokenizer: {spec!r} has no chat template")

@@ -226,6 +226,8 @@ class RLTrainer:
         manager = RolloutManager(self._rollout_fn(self._agent(stage, temperature), stage, priority), store,
                                  concurrency=self.cfg.rollout.concurrency, progress=self.logger.enabled)  # fmt: skip
         stats = await manager.run(rtasks)
+        if rtasks and stats.failed == len(rtasks):
+            raise RuntimeError(f"{name}: all {len(rtasks)} rollouts failed; first error: {stats.errors[0]}")
         if stats.failed:
             self.logger.info(f"[yellow]{name}: {stats.failed} rollouts failed[/yellow]: {stats.errors[:3]}")
         wanted = {t.id for t in rtasks}

@@ -62,3 +62,21 @@ def test_invalid_value_is_named() -> None:
 
 def test_config_dir_is_inside_the_repo() -> None:
     assert (Path(CONFIG_DIR) / "data" / "demo.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("data.policy.gen_reserve=100", "gen_reserve"),
+        ("stages=[{timeout_s:60},{timeout_s:30}]", "timeout_s"),
+        ("trainer.parallel.tp=2", "tp = pp = cp = 1"),
+        ("tasks.demo_forms=9", "demo_forms"),
+    ],
+)
+def test_rl_config_errors_name_the_field(override: str, field: str) -> None:
+    with pytest.raises(Exception, match=field):
+        cfg = compose(config_name="rl", overrides=["experiment=rl_demo", override])
+        rl = OmegaConf.to_object(cfg)
+        from klong_megatron.rl.tasks import build_task_sets
+
+        build_task_sets(rl.tasks)

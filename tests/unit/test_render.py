@@ -130,5 +130,5 @@ def test_local_layout_agrees_with_exact_layout(qwen: Renderer, byte: Renderer) -
 
 
 def test_unknown_tokenizer_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="neither 'byte' nor a local tokenizer directory"):
+    with pytest.raises(ValueError, match="neither 'byte' / 'demo_bpe' nor a local tokenizer directory"):
         load_tokenizer(str(tmp_path / "nope"))
