@@ -6,7 +6,8 @@ Dataflow of one iteration (stage s, iteration i)::
       rollout servers over HTTP) -> each finished rollout is judged at once (train priority) and
       stored WITH its reward (append + fsync) -> windows (ContextPolicy) + group advantages
       (rl/windows.py) -> Policy.update (old/ref log-probs, PPO-clip epochs, Megatron optimizer)
-      -> policy version + 1 -> checkpoint + rl_state.json -> HF export -> servers reload -> metrics
+      -> policy version + 1 -> checkpoint + rl_state.json -> weight sync (HF export + server reload,
+      or a broadcast from rank 0) -> metrics
 
 With ``rl.partial_rollouts`` the next iteration's rollouts start before the current batch is trained
 (its rollouts then straddle a weight update: every sampled token records the policy version that
