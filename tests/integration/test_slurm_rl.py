@@ -38,7 +38,7 @@ SMALL_RL = [
 
 
 def tiny_hf_policy(out: Path) -> Path:
-    """A random HF Llama with the shape of ``model=tiny`` and the bundled byte tokenizer (what rl_demo trains)."""
+    """A random HF Llama with rl_demo's model (``model=tiny`` + its overrides) and tokenizer (what it trains)."""
     import torch
     import transformers
 
@@ -46,9 +46,11 @@ def tiny_hf_policy(out: Path) -> Path:
     from klong_megatron.data.render import load_tokenizer
     from klong_megatron.megatron.hf import hf_config
 
+    demo = yaml.safe_load((CONFIG_DIR / "experiment" / "rl_demo.yaml").read_text())
     spec = yaml.safe_load((CONFIG_DIR / "model" / "tiny.yaml").read_text())
     spec.pop("defaults")
-    tokenizer = load_tokenizer("byte")
+    spec.update(demo.get("model", {}))
+    tokenizer = load_tokenizer(demo["data"]["tokenizer"])
     fields = {k: v for k, v in hf_config(ModelConfig(**spec), tokenizer).items() if k != "model_type"}
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields)).save_pretrained(out, safe_serialization=True)
