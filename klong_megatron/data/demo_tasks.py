@@ -72,10 +72,11 @@ class DemoTask:
     def rubric(self) -> dict[str, Any]:
         """PaperBench-style rubric whose leaves carry deterministic ``check`` commands.
 
-        Graded like a PaperBench tree: per function "defined" (importable, weight 1) and "correct"
-        (weight 2) under Code Development; reproduce.sh runs and writes results.json (Execution);
-        results.json equals the paper's numbers (Result Analysis). A submission with the right
-        workflow but wrong formulas earns partial credit, which gives RL a graded signal.
+        Graded like a PaperBench tree: per function "defined" (importable, weight 1), "at-zero" (f(0) is
+        the paper's value, weight 1) and "correct" (all inputs, weight 2) under Code Development;
+        reproduce.sh runs and writes results.json (Execution); results.json equals the paper's numbers
+        (Result Analysis). A submission with the right workflow but wrong formulas earns partial credit,
+        and one that gets the formula's constant right earns a little more: a graded signal for RL.
         """
         sub = "cd /home/submission && "
         functions = []
@@ -83,10 +84,13 @@ class DemoTask:
             want = [f.fn(x) for x in self.inputs]
             imp = f"{sub}python3 -c 'from {f.name} import {f.name}; "
             defined = f"{imp}assert callable({f.name})'"
+            at_zero = f"{imp}assert {f.name}(0) == {f.fn(0)}'"
             correct = f"{imp}assert [{f.name}(x) for x in {self.inputs}] == {want}'"
             functions.append(
                 _node(f"{self.task_id}-{f.name}", f"{f.name} is implemented as in the paper.", 1, [
                     _leaf(f"{self.task_id}-{f.name}-defined", f"{f.name}.py defines {f.name}.", 1, defined,
+                          "Code Development", "Method Implementation"),
+                    _leaf(f"{self.task_id}-{f.name}-at-zero", f"{f.name}(0) equals the paper's value.", 1, at_zero,
                           "Code Development", "Method Implementation"),
                     _leaf(f"{self.task_id}-{f.name}-correct", f"{f.name} matches the paper's formula.", 2, correct,
                           "Code Development", "Method Implementation"),
