@@ -9,8 +9,9 @@ up to ``max_attempts`` servers; then ``EngineError``. Every call has a timeout; 
 
 Works against real SGLang servers and against ``klong-devserver`` (same contract tests).
 
-Limits: one prompt per request; the NCCL weight path (``WeightUpdate(names=...)``) needs the
-trainer to broadcast the tensors concurrently and is only exercised on GPU clusters.
+Limits: one prompt per request; the broadcast weight path (``WeightUpdate(names=...)``) needs the
+trainer to broadcast the tensors concurrently (``rl/weight_sync.py``); it is tested over gloo against
+``klong-devserver``, NCCL against SGLang only runs on GPU clusters.
 """
 
 from __future__ import annotations
