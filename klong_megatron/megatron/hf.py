@@ -254,11 +254,10 @@ def save_hf_weights(
     model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path, hf_dir: str | Path | None = None
 ) -> Path:
     """Write ``model`` as HF safetensors into ``out_dir``, with config/tokenizer files copied from ``hf_dir``."""
-    _check_unsharded(model)
+    tensors = {k: v.cpu() for k, v in hf_tensors(model, cfg).items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items() if not k.endswith("_extra_state")}
-    save_file(megatron_to_hf(sd, cfg), str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     for f in Path(hf_dir).iterdir() if hf_dir is not None else ():
         if f.is_file() and not f.name.endswith((".safetensors", ".safetensors.index.json", ".bin")):
             shutil.copy2(f, out / f.name)

@@ -249,11 +249,7 @@ class RLTrainer:
         trajs = await self._collect(f"eval_{label}", self.eval_tasks, self.cfg.rl.eval_samples, stage, "eval",
                                     temperature=self.cfg.rl.eval_temperature)  # fmt: skip
         score = float(np.mean([t.meta["reward"] for t in trajs])) if trajs else 0.0
-        cats: dict[str, list[float]] = {}
-        for t in trajs:
-            for k, v in t.meta.get("judge_per_category", {}).items():
-                cats.setdefault(k, []).append(v)
-        metrics = {"score": score, **{f"category/{k}": float(np.mean(v)) for k, v in cats.items()}}
+        metrics = {"score": score, **{f"category/{k}": v for k, v in _category_means(trajs).items()}}
         metrics["turns"] = float(np.mean([t.meta["turns"] for t in trajs])) if trajs else 0.0
         self.logger.log(self.log_step, metrics, prefix=f"eval/{label}")
         self.logger.info(f"[bold green]held-out judge score ({label}): {score:.3f}[/bold green]")
@@ -484,9 +480,14 @@ def _rollout_metrics(trajs: list[Trajectory]) -> dict[str, float]:
         "tokens": float(np.sum([t.meta["tokens"] for t in trajs])),
         "submitted_frac": float(np.mean([t.meta.get("finish_reason") == "submitted" for t in trajs])),
     }
+    out |= {f"judge/{k}": v for k, v in _category_means(trajs).items()}
+    return out
+
+
+def _category_means(trajs: list[Trajectory]) -> dict[str, float]:
+    """Mean judge score per rubric category over the rollouts that have one."""
     cats: dict[str, list[float]] = {}
     for t in trajs:
         for k, v in t.meta.get("judge_per_category", {}).items():
             cats.setdefault(k, []).append(v)
-    out |= {f"judge/{k}": float(np.mean(v)) for k, v in cats.items()}
-    return out
+    return {k: float(np.mean(v)) for k, v in cats.items()}

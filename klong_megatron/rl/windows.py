@@ -77,9 +77,14 @@ def token_arrays(traj: Trajectory) -> tuple[np.ndarray, np.ndarray]:
     return logprobs, versions
 
 
-def split_rollout(traj: Trajectory, policy: ContextPolicy) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Windows of one rollout as (input_ids, loss_mask, positions); trained = sampled assistant tokens."""
-    logprobs, versions = token_arrays(traj)
+def split_rollout(
+    traj: Trajectory, policy: ContextPolicy, versions: np.ndarray | None = None
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Windows of one rollout as (input_ids, loss_mask, positions); trained = sampled assistant tokens.
+
+    ``versions``: ``token_arrays(traj)[1]`` when the caller already has it."""
+    if versions is None:
+        versions = token_arrays(traj)[1]
     out = []
     for w in split_trajectory(rendered_from_record(traj), policy):
         sampled = np.where(w.positions >= 0, versions[np.maximum(w.positions, 0)] >= 0, False)
@@ -105,7 +110,8 @@ def build_rl_windows(
     """
     if not rollouts:
         return [], {"rollouts": 0.0, "windows": 0.0}
-    split = [split_rollout(r.trajectory, policy) for r in rollouts]
+    arrays = [token_arrays(r.trajectory) for r in rollouts]
+    split = [split_rollout(r.trajectory, policy, versions) for r, (_, versions) in zip(rollouts, arrays, strict=True)]
     groups = {g: i for i, g in enumerate(dict.fromkeys(r.group for r in rollouts))}
     rewards = torch.tensor([r.reward for r in rollouts], dtype=torch.float64)
     group_index = torch.tensor([groups[r.group] for r in rollouts])
@@ -116,10 +122,9 @@ def build_rl_windows(
     )
     out: list[RLWindow] = []
     dropped = 0
-    for r, ws, a, skip in zip(rollouts, split, adv.tolist(), flat.tolist(), strict=True):
+    for r, ws, (logprobs, versions), a, skip in zip(rollouts, split, arrays, adv.tolist(), flat.tolist(), strict=True):
         if skip:
             continue
-        logprobs, versions = token_arrays(r.trajectory)
         for ids, mask, pos in ws:
             if not mask.any():
                 continue

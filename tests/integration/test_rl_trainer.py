@@ -56,26 +56,27 @@ def _state(out: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def test_rl_run_is_killed_mid_stage_and_resumes_without_rejudging(tmp_path: Path) -> None:
-    out = tmp_path / "run"
+def _signal_at(out: Path, iteration: int, sig: signal.Signals, timeout_s: float) -> tuple[subprocess.Popen, str]:
+    """Start a run in ``out``, send ``sig`` to its process group once it reached ``iteration``; its output."""
     proc = _start(out)
     deadline = time.monotonic() + 240
-    while _state(out).get("iteration", 0) < 1 and proc.poll() is None and time.monotonic() < deadline:
+    while _state(out).get("iteration", 0) < iteration and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    first, _ = proc.communicate(timeout=30)
+    os.killpg(proc.pid, sig)
+    log, _ = proc.communicate(timeout=timeout_s)
+    return proc, log
+
+
+def test_rl_run_is_killed_mid_stage_and_resumes_without_rejudging(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    _, first = _signal_at(out, 1, signal.SIGKILL, timeout_s=30)
     assert _state(out).get("iteration") == 1, first[-4000:]
     judged = (out / "rollouts" / "stage0_iter0000.jsonl").read_bytes()
     judged_ids = [json.loads(line)["id"] for line in judged.splitlines()]
     assert len(judged_ids) == 4
 
     # SIGTERM (Slurm preemption, scancel) to the whole process group: clean stop, exit 143, nothing left running.
-    proc = _start(out)
-    deadline = time.monotonic() + 240
-    while _state(out).get("iteration", 0) < 2 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGTERM)
-    second, _ = proc.communicate(timeout=60)
+    proc, second = _signal_at(out, 2, signal.SIGTERM, timeout_s=60)
     assert proc.returncode == 128 + signal.SIGTERM, second[-4000:]
     assert "resumed: stage 0, iteration 1, policy version 1" in second and "stopped by SIGTERM" in second
     leftovers = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()

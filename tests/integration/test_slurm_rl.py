@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import pytest
 import yaml
 
 from klong_megatron.config import CONFIG_DIR
+from klong_megatron.rl.weight_sync import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "slurm" / "rl.sbatch"
@@ -56,12 +56,6 @@ def tiny_hf_policy(out: Path) -> Path:
     transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields)).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _env(tmp: Path, **extra: str) -> dict[str, str]:
