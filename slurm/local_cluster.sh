@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One-node Slurm cluster on this machine for tests: munge + slurmctld + slurmd, no systemd.
 #   bash slurm/local_cluster.sh start|stop|status
-# Idempotent: `start` returns at once when the node already answers; the ports (6817-6818) and
-# /etc/slurm are machine-wide, so there is one local cluster per machine. Needs root and the
+# Idempotent: `start` returns at once when the node already answers with this script's config (a changed
+# config restarts the daemons); the ports (6817-6818) and /etc/slurm are machine-wide, so there is one
+# local cluster per machine. A job without --mem gets DefMemPerCPU per CPU (not the whole node), so
+# 1-CPU jobs run side by side. Needs root and the
 # Debian packages slurm-wlm + munge (tools/services.sh installs them). State, logs and pid files
 # live in $SLURM_LOCAL_DIR (default /tmp/klong-slurm).
 set -euo pipefail
@@ -16,7 +18,7 @@ log() { echo "local_cluster: $*" >&2; }
 
 write_conf() {
     mkdir -p /etc/slurm "$STATE"/{ctld,d}
-    cat > "$CONF.tmp" <<CONF
+    cat > "$CONF.new" <<CONF
 ClusterName=klong
 SlurmctldHost=${HOST}(127.0.0.1)
 SlurmUser=root
@@ -32,6 +34,7 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=$(( MEM_MB / CPUS ))
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 MailProg=/bin/true
@@ -42,15 +45,21 @@ MpiDefault=none
 NodeName=${HOST} NodeAddr=127.0.0.1 CPUs=${CPUS} RealMemory=${MEM_MB} State=UNKNOWN
 PartitionName=debug Nodes=${HOST} Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF
-    mv "$CONF.tmp" "$CONF"
 }
 
 node_ready() { sinfo -h -N -o '%T' 2>/dev/null | grep -Eq '^(idle|mixed|allocated)'; }
 
 start() {
-    if node_ready; then log "already running"; return 0; fi
     command -v slurmctld >/dev/null || { log "slurm-wlm not installed (run tools/services.sh)"; exit 1; }
     write_conf
+    if cmp -s "$CONF.new" "$CONF"; then
+        rm -f "$CONF.new"
+        if node_ready; then log "already running"; return 0; fi
+    else
+        mv "$CONF.new" "$CONF"
+        stop  # daemons started with another config re-read this one
+        for _ in $(seq 1 20); do pgrep -x slurmd >/dev/null || pgrep -x slurmctld >/dev/null || break; sleep 0.5; done
+    fi
     mkdir -p /run/munge /var/log/munge /var/lib/munge /etc/munge
     [ -s /etc/munge/munge.key ] || dd if=/dev/urandom of=/etc/munge/munge.key bs=1024 count=1 status=none
     chown -R munge: /run/munge /var/log/munge /var/lib/munge /etc/munge

@@ -50,6 +50,22 @@ def resource_missing(name: str) -> str | None:
     raise KeyError(name)
 
 
+@functools.cache
+def clear_local_slurm_queue() -> None:
+    """Cancel every job left on the local test cluster (ClusterName=klong) by an earlier, killed test run.
+
+    One job stuck in that one-node queue would keep every later test job pending. A real cluster
+    (another ClusterName) is never touched.
+    """
+    conf = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=20).stdout
+    if not any(line.split() == ["ClusterName", "=", "klong"] for line in conf.splitlines()):
+        return
+    jobs = subprocess.run(["squeue", "-h", "-o", "%A %T %j"], capture_output=True, text=True, timeout=20).stdout
+    if jobs.strip():
+        print(f"\nlocal Slurm: cancelling jobs left by an earlier run:\n{jobs}")
+        subprocess.run(["scancel", "--full", *(line.split()[0] for line in jobs.splitlines())], timeout=30)
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     required = os.environ.get("KLONG_REQUIRE_SERVICES") == "1"
     for name in ("docker", "slurm", "bwrap", "gpu"):
@@ -57,6 +73,8 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             if required and name != "gpu":
                 pytest.fail(f"{name} is required here (KLONG_REQUIRE_SERVICES=1) but {why}")
             pytest.skip(f"{name}: {why}")
+    if "slurm" in item.keywords:
+        clear_local_slurm_queue()
 
 
 @pytest.fixture

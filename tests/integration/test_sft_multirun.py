@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,11 +29,17 @@ STEP_LINE = re.compile(r"train step\s+(\d+)\s+loss ([\d.]+)\s+lr ([\d.e+-]+)")
 
 
 def _start_sweep(tmp: Path, name: str, overrides: list[str]) -> tuple[subprocess.Popen, Path]:
+    """Start ``klong-sft --multirun`` in ``tmp/name``; its jobs are named after the sweep dir (for scancel)."""
     sweep = tmp / name
-    cmd = [str(KLONG_SFT), "--multirun", *cpu_demo_overrides(tmp), *overrides, f"hydra.sweep.dir={sweep}"]
+    cmd = [str(KLONG_SFT), "--multirun", *cpu_demo_overrides(tmp), *overrides, f"hydra.sweep.dir={sweep}",
+           f"hydra.launcher.name={_job_name(sweep)}"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return proc, sweep
+
+
+def _job_name(sweep: Path) -> str:
+    return f"sweep-{os.getpid()}-{sweep.name}"
 
 
 def _submitit_logs(sweep: Path) -> str:
@@ -51,10 +58,11 @@ def _finish(proc: subprocess.Popen, sweep: Path) -> None:
         out, _ = proc.communicate()
         out += f"\n(sweep still running after {SWEEP_TIMEOUT_S} s: killed)"
     if proc.returncode != 0:
-        job_ids = {p.name.split("_")[0] for p in sweep.glob(".submitit/*") if p.name[0].isdigit()}
-        if job_ids and "slurm" in out:
-            subprocess.run(["scancel", *sorted(job_ids)], capture_output=True, timeout=30)
-        pytest.fail(f"sweep exited {proc.returncode}\n{out[-4000:]}\n{_submitit_logs(sweep)}")
+        queue = ""
+        if shutil.which("squeue"):  # pending jobs too: they have no .submitit folder yet
+            queue = subprocess.run(["squeue", "-o", "%i %T %j %R %M"], capture_output=True, text=True).stdout
+            subprocess.run(["scancel", f"--name={_job_name(sweep)}"], capture_output=True, timeout=30)
+        pytest.fail(f"sweep exited {proc.returncode}\n{out[-4000:]}\n{_submitit_logs(sweep)}\nsqueue:\n{queue}")
 
 
 def _job(sweep: Path, num: int, task: int = 0) -> dict:
