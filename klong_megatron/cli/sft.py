@@ -58,6 +58,8 @@ def data_parallel_size(trainer: TrainerConfig, world_size: int) -> int:
     p = trainer.parallel
     if world_size % p.model_parallel_size:
         raise ValueError(f"world size {world_size} is not a multiple of tp*pp*cp = {p.model_parallel_size}")
+    if (world_size // (p.tp * p.pp)) % p.ep:
+        raise ValueError(f"trainer.parallel.ep={p.ep} must divide world size / (tp*pp) = {world_size // (p.tp * p.pp)}")
     return world_size // p.model_parallel_size
 
 
@@ -72,9 +74,12 @@ def describe(cfg: SFTConfig, world_size: int) -> str:
             f"micro_batch_size x DP ({cfg.trainer.micro_batch_size} x {dp})"
         )
     seq = cfg.data.seq_len or cfg.data.policy.max_len
+    m = cfg.model
+    moe = f" ({m.num_parameters(active=True) / 1e6:.1f}M active, {m.num_experts} experts top-{m.moe_router_topk})"
+    ep = f" (EP {p.ep})" if p.ep > 1 else ""
     return (
-        f"model {cfg.model.num_parameters() / 1e6:.1f}M params, {cfg.model.num_layers} layers, "
-        f"hidden {cfg.model.hidden_size}; world {world_size} = TP {p.tp} x PP {p.pp} x CP {p.cp} x DP {dp}; "
+        f"model {m.num_parameters() / 1e6:.1f}M params{moe if m.is_moe else ''}, {m.num_layers} layers, "
+        f"hidden {m.hidden_size}; world {world_size} = TP {p.tp} x PP {p.pp} x CP {p.cp} x DP {dp}{ep}; "
         f"global batch {cfg.trainer.global_batch_size} x {seq} tokens "
         f"({cfg.trainer.global_batch_size // per} micro-batches of {cfg.trainer.micro_batch_size} per rank); "
         f"{cfg.trainer.train_steps} steps"

@@ -18,6 +18,8 @@ class ParallelConfig:
     """Pipeline-parallel size (num_layers must divide evenly)."""
     cp: int = 1
     """Context-parallel size (GPU with Transformer Engine only)."""
+    ep: int = 1
+    """Expert-parallel size for MoE models: routed experts split over ep data-parallel ranks."""
     sequence_parallel: bool = False
     """Shard activations along the sequence in TP regions (GPU only; needs tp > 1)."""
     use_distributed_optimizer: bool = False
@@ -26,7 +28,7 @@ class ParallelConfig:
     """Activation recomputation: null, "selective" or "full" (one layer at a time)."""
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp", "cp"):
+        for name in ("tp", "pp", "cp", "ep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         if self.sequence_parallel and self.tp == 1:

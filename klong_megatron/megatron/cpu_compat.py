@@ -15,7 +15,8 @@ Megatron DDP and ``get_megatron_optimizer`` on CPU with ``torch.distributed`` ov
 5. ``torch.cuda.synchronize`` / streams / events / memory queries become no-ops.
 
 Limits: the mode costs ~15-25% step time on a tiny model (``benchmarks/sft_cpu.py`` measures it);
-no sequence parallelism, MoE, fused kernels, or Transformer Engine on this path. The layer is
+no sequence parallelism, fused kernels, or Transformer Engine on this path; MoE layers run
+with ``model.moe_token_dispatcher=allgather`` only (alltoall waits on CUDA events). The layer is
 applied only when ``torch.cuda.is_available()`` is False and never changes behaviour on a GPU:
 :func:`apply_cpu_compat` returns False there without touching anything.
 """

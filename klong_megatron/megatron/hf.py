@@ -1,9 +1,14 @@
-"""Hugging Face <-> Megatron weights for Llama / Qwen2 / Qwen3-family decoders (safetensors, local dirs).
+"""Hugging Face <-> Megatron weights for Llama / Qwen2 / Qwen3 decoders and the Qwen3-MoE / GLM-4.5 MoE families.
 
     cfg = model_config_from_hf(hf_dir, seq_length=8192)   # ModelConfig from config.json
     load_hf_weights(megatron_model, hf_dir, cfg)          # HF tensors -> this GPTModel
     save_hf_weights(megatron_model, cfg, out_dir, hf_dir) # GPTModel -> HF safetensors (+ config, tokenizer)
     hf_tensors(megatron_model, cfg)                       # GPTModel -> {HF name: tensor} (weight sync)
+
+Architectures: ``LlamaForCausalLM``, ``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM`` (dense),
+``Qwen3MoeForCausalLM`` (softmax top-k router, renormalised; no shared expert) and ``Glm4MoeForCausalLM``
+(GLM-4.5 / GLM-4.5-Air: sigmoid router with ``e_score_correction_bias`` and ``routed_scaling_factor``, one
+shared expert, dense first ``first_k_dense_replace`` layers, partial RoPE, q/k/v bias, optional qk norm).
 
 Name/layout mapping (local and Transformer Engine specs): q/k/v projections are fused into
 ``linear_qkv`` in Megatron's grouped order (per KV group: its query heads, then k, then v);
@@ -11,8 +16,28 @@ gate/up into ``linear_fc1`` as ``[gate; up]``; RMSNorm weights map one to one (T
 pre-attention / pre-MLP norms inside ``linear_qkv`` / ``linear_fc1`` as ``layer_norm_weight``).
 The embedding is padded with zero rows to the padded vocabulary on import and cut on export.
 
-Limits: whole-model conversion in one process (TP=1, PP=1). For a sharded run, import at TP=1,
-save a ``dist_checkpointing`` checkpoint and load it with any TP/PP (it reshards on load).
+MoE layers (``mlp.router`` + ``mlp.experts.local_experts.E`` + ``mlp.shared_experts``, Megatron's
+SequentialMLP, i.e. ``moe_grouped_gemm=False``):
+
+    model.layers.N.mlp.gate.weight                     <-> decoder.layers.N.mlp.router.weight
+    model.layers.N.mlp.gate.e_score_correction_bias    <-> decoder.layers.N.mlp.router.expert_bias (GLM)
+    model.layers.N.mlp.experts.E.{gate,up}_proj.weight <-> ...mlp.experts.local_experts.E.linear_fc1.weight [gate; up]
+    model.layers.N.mlp.experts.E.down_proj.weight      <-> ...mlp.experts.local_experts.E.linear_fc2.weight
+    model.layers.N.mlp.shared_experts.{gate,up,down}_proj.weight <-> ...mlp.shared_experts.linear_fc{1,2}.weight
+
+Import also reads experts stored fused (``mlp.experts.gate_up_proj`` ``[E, 2I, H]`` = per expert ``[gate; up]``,
+``mlp.experts.down_proj`` ``[E, H, I]``); export writes the per-expert names of the published checkpoints
+(what transformers' ``save_pretrained`` writes too). The router's runtime counters (``local_tokens_per_expert``)
+are never converted.
+
+Limits: whole-model conversion in one process (TP=1, PP=1, EP=1). For a sharded run, import at TP=1,
+save a ``dist_checkpointing`` checkpoint and load it with any TP/PP/EP (it reshards on load; EP resharding is
+not tested here). MoE: no
+group-limited routing (GLM ``n_group`` / ``topk_group`` must be 1), top-k weights must be renormalised
+(``norm_topk_prob``), Qwen3-MoE sparse layers must be all but a leading ``mlp_only_layers`` prefix
+(``decoder_sparse_step`` 1), no Megatron shared-expert gate, no grouped-GEMM expert layout. GLM's
+multi-token-prediction layers (``model.layers.{num_hidden_layers}...``, ``num_nextn_predict_layers``)
+are skipped on import and not written on export (the exported config says ``num_nextn_predict_layers: 0``).
 """
 
 from __future__ import annotations
@@ -27,7 +52,11 @@ from safetensors.torch import load_file, save_file
 
 from klong_megatron.config.model import ModelConfig
 
-_SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+_DENSE = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
+_MOE = ("Qwen3MoeForCausalLM", "Glm4MoeForCausalLM")
+_SUPPORTED = _DENSE + _MOE
+_RUNTIME_BUFFERS = ("local_tokens_per_expert", "global_tokens_per_expert", "ga_steps")
+"""Router counters Megatron keeps as buffers: state of a run, not weights; never imported or exported."""
 
 
 def model_config_from_hf(hf_dir: str | Path, seq_length: int | None = None) -> ModelConfig:
@@ -37,6 +66,7 @@ def model_config_from_hf(hf_dir: str | Path, seq_length: int | None = None) -> M
     if arch not in _SUPPORTED:
         raise ValueError(f"{hf_dir}/config.json: architecture {arch!r} is not supported (expected one of {_SUPPORTED})")
     heads = c["num_attention_heads"]
+    moe = _moe_fields_from_hf(c, arch, hf_dir) if arch in _MOE else {}
     return ModelConfig(
         num_layers=c["num_hidden_layers"],
         hidden_size=c["hidden_size"],
@@ -50,9 +80,49 @@ def model_config_from_hf(hf_dir: str | Path, seq_length: int | None = None) -> M
         rotary_base=int(c.get("rope_theta", (c.get("rope_parameters") or {}).get("rope_theta", 10000))),
         norm_epsilon=c.get("rms_norm_eps", 1e-6),
         qkv_bias=arch == "Qwen2ForCausalLM" or bool(c.get("attention_bias", False)),
-        qk_layernorm=arch == "Qwen3ForCausalLM",
+        qk_layernorm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM") or bool(c.get("use_qk_norm", False)),
         untie_embeddings=not c.get("tie_word_embeddings", False),
+        **moe,
     )
+
+
+def _moe_fields_from_hf(c: dict[str, Any], arch: str, hf_dir: str | Path) -> dict[str, Any]:
+    """The MoE (and partial-RoPE) ModelConfig fields of a Qwen3-MoE / GLM-4.5 ``config.json``."""
+
+    def unsupported(what: str) -> ValueError:
+        return ValueError(f"{hf_dir}/config.json ({arch}): {what} is not supported")
+
+    if c.get("hidden_act", "silu") != "silu":
+        raise unsupported(f"hidden_act={c['hidden_act']!r}")
+    if not c.get("norm_topk_prob", arch == "Glm4MoeForCausalLM"):
+        raise unsupported("norm_topk_prob=false (un-renormalised top-k weights)")
+    layers = c["num_hidden_layers"]
+    out: dict[str, Any] = {"moe_ffn_hidden_size": c["moe_intermediate_size"],
+                           "moe_router_topk": c["num_experts_per_tok"]}  # fmt: skip
+    if arch == "Qwen3MoeForCausalLM":
+        if c.get("attention_bias", False):
+            raise unsupported("attention_bias=true (Qwen3-MoE puts a bias on o_proj too)")
+        dense = list(c.get("mlp_only_layers") or [])
+        if c.get("decoder_sparse_step", 1) != 1 or dense != list(range(len(dense))):
+            raise unsupported(f"decoder_sparse_step={c.get('decoder_sparse_step')} / mlp_only_layers={dense} "
+                              "(only a leading block of dense layers)")  # fmt: skip
+        out.update(num_experts=c.get("num_experts") or c["num_local_experts"], moe_first_dense_layers=len(dense),
+                   moe_router_score="softmax")  # fmt: skip
+    else:  # Glm4MoeForCausalLM
+        if c.get("n_group", 1) != 1 or c.get("topk_group", 1) != 1:
+            raise unsupported(f"group-limited routing (n_group={c.get('n_group')}, topk_group={c.get('topk_group')})")
+        shared = c.get("n_shared_experts", 1) or 0
+        rope = c.get("rope_parameters") or {}
+        out.update(
+            num_experts=c.get("n_routed_experts") or c["num_local_experts"],
+            moe_shared_expert_ffn_hidden_size=shared * c["moe_intermediate_size"] or None,
+            moe_first_dense_layers=min(c.get("first_k_dense_replace", 1), layers),
+            moe_router_score="sigmoid",
+            moe_router_expert_bias=True,
+            moe_routed_scaling=float(c.get("routed_scaling_factor", 1.0)),
+            rotary_percent=float(rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 0.5))),
+        )
+    return out
 
 
 def _read_hf(hf_dir: Path) -> dict[str, torch.Tensor]:
@@ -93,11 +163,12 @@ def _layer_map(names: set[str], i: int) -> dict[str, str]:
     """Megatron layer-i norm names -> HF names, for whichever spec the model was built with."""
     m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
     te = f"{m}self_attention.linear_qkv.layer_norm_weight" in names
+    moe = f"{m}mlp.router.weight" in names  # an MoE layer keeps a separate pre-MLP norm under TE too
     return {
         (f"{m}self_attention.linear_qkv.layer_norm_weight" if te else f"{m}input_layernorm.weight"): (
             f"{h}input_layernorm.weight"
         ),
-        (f"{m}mlp.linear_fc1.layer_norm_weight" if te else f"{m}pre_mlp_layernorm.weight"): (
+        (f"{m}mlp.linear_fc1.layer_norm_weight" if te and not moe else f"{m}pre_mlp_layernorm.weight"): (
             f"{h}post_attention_layernorm.weight"
         ),
         f"{m}self_attention.linear_proj.weight": f"{h}self_attn.o_proj.weight",
@@ -132,10 +203,64 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], cfg: ModelConfig, names: set[str
                 hf[f"{h}q_proj.bias"], hf[f"{h}k_proj.bias"], hf[f"{h}v_proj.bias"], cfg
             )
         mlp = f"model.layers.{i}.mlp."
+        if f"{m}mlp.router.weight" in names:
+            out.update(_moe_to_megatron(hf, cfg, names, i))
+            continue
         out[f"{m}mlp.linear_fc1.weight"] = torch.cat([hf[f"{mlp}gate_proj.weight"], hf[f"{mlp}up_proj.weight"]])
     missing = names - out.keys() - {n for n in names if n.endswith("_extra_state")}
     if missing:
         raise KeyError(f"HF checkpoint does not provide Megatron parameters: {sorted(missing)[:5]}")
+    return out
+
+
+def _moe_to_megatron(hf: dict[str, torch.Tensor], cfg: ModelConfig, names: set[str], i: int) -> dict[str, torch.Tensor]:
+    """Megatron tensors of MoE layer ``i`` (router, experts, shared expert) from an HF state dict."""
+    h, m = f"model.layers.{i}.mlp.", f"decoder.layers.{i}.mlp."
+    out = {f"{m}router.weight": hf[f"{h}gate.weight"]}
+    if f"{m}router.expert_bias" in names:
+        out[f"{m}router.expert_bias"] = hf[f"{h}gate.e_score_correction_bias"]
+    elif f"{h}gate.e_score_correction_bias" in hf:
+        raise KeyError(f"HF layer {i} has gate.e_score_correction_bias but the model has no router.expert_bias "
+                       "(set model.moe_router_expert_bias=true)")  # fmt: skip
+    fused = f"{h}experts.gate_up_proj" in hf
+    for e in range(cfg.num_experts):
+        x, me = f"{h}experts.{e}.", f"{m}experts.local_experts.{e}."
+        if fused:  # transformers' in-memory layout: [E, 2I, H] with [gate; up] per expert, [E, H, I]
+            out[f"{me}linear_fc1.weight"] = hf[f"{h}experts.gate_up_proj"][e]
+            out[f"{me}linear_fc2.weight"] = hf[f"{h}experts.down_proj"][e]
+        else:
+            out[f"{me}linear_fc1.weight"] = torch.cat([hf[f"{x}gate_proj.weight"], hf[f"{x}up_proj.weight"]])
+            out[f"{me}linear_fc2.weight"] = hf[f"{x}down_proj.weight"]
+    if f"{m}shared_experts.linear_fc1.weight" in names:
+        s = f"{h}shared_experts."
+        out[f"{m}shared_experts.linear_fc1.weight"] = torch.cat([hf[f"{s}gate_proj.weight"], hf[f"{s}up_proj.weight"]])
+        out[f"{m}shared_experts.linear_fc2.weight"] = hf[f"{s}down_proj.weight"]
+    return out
+
+
+def _moe_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig, i: int) -> dict[str, torch.Tensor]:
+    """HF tensors of MoE layer ``i``: inverse of :func:`_moe_to_megatron` (per-expert names)."""
+    h, m = f"model.layers.{i}.mlp.", f"decoder.layers.{i}.mlp."
+    out = {f"{h}gate.weight": sd[f"{m}router.weight"]}
+    if f"{m}router.expert_bias" in sd:
+        out[f"{h}gate.e_score_correction_bias"] = sd[f"{m}router.expert_bias"]
+    elif cfg.moe_router_score == "sigmoid":  # GLM always has the buffer; zeros = no correction
+        out[f"{h}gate.e_score_correction_bias"] = sd[f"{m}router.weight"].new_zeros(
+            cfg.num_experts, dtype=torch.float32
+        )
+    for e in range(cfg.num_experts):
+        x, me = f"{h}experts.{e}.", f"{m}experts.local_experts.{e}."
+        if f"{me}linear_fc1.weight" not in sd:
+            raise KeyError(f"{me}linear_fc1.weight: export needs all experts in one process (EP=1) and "
+                           "moe_grouped_gemm=False (SequentialMLP)")  # fmt: skip
+        out[f"{x}gate_proj.weight"], out[f"{x}up_proj.weight"] = sd[f"{me}linear_fc1.weight"].chunk(2)
+        out[f"{x}down_proj.weight"] = sd[f"{me}linear_fc2.weight"]
+    if f"{m}shared_experts.linear_fc1.weight" in sd:
+        if f"{m}shared_experts.gate_weight" in sd:
+            raise ValueError(f"{m}shared_experts.gate_weight: a gated shared expert has no HF counterpart")
+        s = f"{h}shared_experts."
+        out[f"{s}gate_proj.weight"], out[f"{s}up_proj.weight"] = sd[f"{m}shared_experts.linear_fc1.weight"].chunk(2)
+        out[f"{s}down_proj.weight"] = sd[f"{m}shared_experts.linear_fc2.weight"]
     return out
 
 
@@ -157,6 +282,9 @@ def megatron_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
         if cfg.qkv_bias:
             q, k, vv = split_qkv(sd[f"{m}self_attention.linear_qkv.bias"], cfg)
             out.update({f"{h}q_proj.bias": q, f"{h}k_proj.bias": k, f"{h}v_proj.bias": vv})
+        if f"{m}mlp.router.weight" in sd:
+            out.update(_moe_to_hf(sd, cfg, i))
+            continue
         gate, up = sd[f"{m}mlp.linear_fc1.weight"].chunk(2)
         out[f"model.layers.{i}.mlp.gate_proj.weight"] = gate
         out[f"model.layers.{i}.mlp.up_proj.weight"] = up
@@ -178,13 +306,22 @@ def _check_unsharded(model: torch.nn.Module) -> None:
     ):
         raise ValueError("HF conversion runs on the whole model (TP=1, PP=1); convert first, then load the "
                          "dist checkpoint at any TP/PP")  # fmt: skip
+    if parallel_state.get_expert_model_parallel_world_size() > 1:
+        raise ValueError("HF conversion runs on the whole model (EP=1); convert first, then load the "
+                         "dist checkpoint at any EP")  # fmt: skip
+
+
+def _own_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s weights and persistent buffers, without TE extra state and router runtime counters."""
+    return {k: v for k, v in model.state_dict().items()
+            if not k.endswith("_extra_state") and k.rsplit(".", 1)[-1] not in _RUNTIME_BUFFERS}  # fmt: skip
 
 
 def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, cfg: ModelConfig) -> None:
     """Copy the HF checkpoint in ``hf_dir`` into ``model`` (a GPTModel built from ``cfg``), exactly."""
     _check_unsharded(model)
     model = _unwrap(model)
-    own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    own = _own_state(model)
     new = hf_to_megatron(_read_hf(Path(hf_dir)), cfg, set(own))
     with torch.no_grad():
         for name, tensor in new.items():
@@ -197,14 +334,21 @@ def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, cfg: ModelConfig
 def hf_config(cfg: ModelConfig, tokenizer: Any | None = None) -> dict[str, Any]:
     """The ``config.json`` of the HF model equal to ``cfg`` (Llama; Qwen2 with qkv bias; Qwen3 with qk norm).
 
-    The vocabulary is ``cfg.vocab_size`` (export cuts Megatron's padded rows). Inverse of
-    :func:`model_config_from_hf` up to ``make_vocab_size_divisible_by``.
+    MoE configs become ``Qwen3MoeForCausalLM`` (softmax router) or ``Glm4MoeForCausalLM`` (sigmoid router);
+    a ValueError names what neither family can express. The vocabulary is ``cfg.vocab_size`` (export cuts
+    Megatron's padded rows). Inverse of :func:`model_config_from_hf` up to ``make_vocab_size_divisible_by``.
     """
+    if cfg.is_moe:
+        return _moe_hf_config(cfg, tokenizer)
     arch = "Qwen3ForCausalLM" if cfg.qk_layernorm else "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
+    model_type = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}[arch]
+    return {"architectures": [arch], "model_type": model_type, **_base_hf_config(cfg, tokenizer)}
+
+
+def _base_hf_config(cfg: ModelConfig, tokenizer: Any | None) -> dict[str, Any]:
+    """The ``config.json`` fields every supported family shares (attention, norms, vocabulary, tokens)."""
     d, groups, _ = _dims(cfg)
     out: dict[str, Any] = {
-        "architectures": [arch],
-        "model_type": {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}[arch],
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.ffn_hidden_size or 4 * cfg.hidden_size,
         "num_hidden_layers": cfg.num_layers,
@@ -227,6 +371,45 @@ def hf_config(cfg: ModelConfig, tokenizer: Any | None = None) -> dict[str, Any]:
     return out
 
 
+def _moe_hf_config(cfg: ModelConfig, tokenizer: Any | None) -> dict[str, Any]:
+    """:func:`hf_config` for an MoE ``cfg``: Qwen3-MoE (softmax router) or GLM-4.5 (sigmoid router)."""
+    glm = cfg.moe_router_score == "sigmoid"
+    arch = "Glm4MoeForCausalLM" if glm else "Qwen3MoeForCausalLM"
+    shared = cfg.moe_shared_expert_ffn_hidden_size
+    problems = []
+    if glm:
+        if not shared or shared % cfg.moe_ffn_hidden_size:
+            problems.append(f"moe_shared_expert_ffn_hidden_size={shared} (a multiple of moe_ffn_hidden_size)")
+    else:
+        checks = {"a shared expert": shared, "moe_router_expert_bias": cfg.moe_router_expert_bias,
+                  "qkv_bias": cfg.qkv_bias, "qk_layernorm=false": not cfg.qk_layernorm,
+                  "moe_routed_scaling != 1": cfg.moe_routed_scaling != 1.0,
+                  "rotary_percent != 1": cfg.rotary_percent != 1.0}  # fmt: skip
+        problems += [k for k, v in checks.items() if v]
+    if problems:
+        raise ValueError(f"no HF {arch} equals this MoE config: {', '.join(problems)}")
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(cfg.rotary_base)}
+    out: dict[str, Any] = {
+        "architectures": [arch],
+        "model_type": "glm4_moe" if glm else "qwen3_moe",
+        **_base_hf_config(cfg, tokenizer),
+        "moe_intermediate_size": cfg.moe_ffn_hidden_size,
+        "num_experts_per_tok": cfg.moe_router_topk,
+        "norm_topk_prob": True,
+        "rope_parameters": rope,
+    }
+    if glm:
+        rope["partial_rotary_factor"] = cfg.rotary_percent
+        out.update(n_routed_experts=cfg.num_experts, n_shared_experts=shared // cfg.moe_ffn_hidden_size,
+                   first_k_dense_replace=cfg.moe_first_dense_layers, routed_scaling_factor=cfg.moe_routed_scaling,
+                   partial_rotary_factor=cfg.rotary_percent, n_group=1, topk_group=1,
+                   use_qk_norm=cfg.qk_layernorm, num_nextn_predict_layers=0)  # fmt: skip
+    else:
+        dense = list(range(cfg.moe_first_dense_layers))
+        out.update(num_experts=cfg.num_experts, decoder_sparse_step=1, mlp_only_layers=dense)
+    return out
+
+
 def export_hf(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path, tokenizer: Any) -> Path:
     """Write ``model`` as a self-contained HF checkpoint: safetensors, ``config.json`` and the tokenizer.
 
@@ -246,7 +429,7 @@ def hf_tensors(model: torch.nn.Module, cfg: ModelConfig) -> dict[str, torch.Tens
     :func:`save_hf_weights` (vocabulary padding cut). Whole model only (TP = PP = 1).
     """
     _check_unsharded(model)
-    sd = {k: v.detach() for k, v in _unwrap(model).state_dict().items() if not k.endswith("_extra_state")}
+    sd = {k: v.detach() for k, v in _own_state(_unwrap(model)).items()}
     return megatron_to_hf(sd, cfg)
 
 

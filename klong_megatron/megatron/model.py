@@ -25,9 +25,10 @@ import zlib
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from klong_megatron.config.model import ModelConfig
@@ -42,6 +43,15 @@ try:  # optional heavy dependency: installed in GPU cluster images only
     HAVE_TE = True
 except Exception:  # ImportError, or a broken CUDA extension
     HAVE_TE = False
+
+
+def _patch_moe_router_without_te() -> None:
+    """megatron-core 0.16.1 defines ``moe_utils.te_general_gemm`` only when TE imports, but the MoE router
+    reads it unconditionally (NameError without TE). Defining it as None is what that code expects."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 @functools.cache
@@ -61,9 +71,19 @@ def resolve_impl(cfg: ModelConfig, have_te: bool | None = None) -> str:
     return "te"
 
 
-def layer_spec(cfg: ModelConfig, have_te: bool | None = None) -> ModuleSpec:
-    """The transformer layer spec for ``cfg`` (TE or local, see :func:`resolve_impl`)."""
-    if resolve_impl(cfg, have_te) == "te":
+def layer_spec(
+    cfg: ModelConfig, have_te: bool | None = None, parallel: ParallelConfig | None = None
+) -> ModuleSpec | TransformerBlockSubmodules:
+    """The transformer layer spec for ``cfg`` (TE or local, see :func:`resolve_impl`).
+
+    An MoE model gets a block spec with one entry per layer of this pipeline stage (``parallel``):
+    dense MLPs for the first ``moe_first_dense_layers``, MoE MLPs after.
+    """
+    te = resolve_impl(cfg, have_te) == "te"
+    if cfg.is_moe:
+        tcfg = to_transformer_config(cfg, parallel)
+        return get_gpt_decoder_block_spec(tcfg, use_transformer_engine=te, normalization="RMSNorm")
+    if te:
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
     return get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization="RMSNorm")
 
@@ -84,6 +104,7 @@ def to_transformer_config(
     parallel = parallel or ParallelConfig()
     dtype = torch.bfloat16 if bf16 else torch.float32
     return TransformerConfig(
+        **_moe_fields(cfg, parallel),
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
         num_attention_heads=cfg.num_attention_heads,
@@ -120,6 +141,27 @@ def to_transformer_config(
     )
 
 
+def _moe_fields(cfg: ModelConfig, parallel: ParallelConfig) -> dict:
+    """The MoE part of the TransformerConfig (empty for a dense model)."""
+    if not cfg.is_moe:
+        return {}
+    return dict(
+        num_moe_experts=cfg.num_experts,
+        moe_ffn_hidden_size=cfg.moe_ffn_hidden_size,
+        moe_router_topk=cfg.moe_router_topk,
+        moe_shared_expert_intermediate_size=cfg.moe_shared_expert_ffn_hidden_size,
+        moe_layer_freq=cfg.moe_layer_pattern(),
+        moe_router_score_function=cfg.moe_router_score,
+        moe_router_enable_expert_bias=cfg.moe_router_expert_bias,
+        moe_router_topk_scaling_factor=cfg.moe_routed_scaling if cfg.moe_routed_scaling != 1.0 else None,
+        moe_router_load_balancing_type="aux_loss" if cfg.moe_aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
+        moe_token_dispatcher_type=cfg.moe_token_dispatcher,
+        moe_grouped_gemm=False,
+        expert_model_parallel_size=parallel.ep,
+    )
+
+
 def build_gpt(
     cfg: ModelConfig,
     *,
@@ -135,6 +177,10 @@ def build_gpt(
     ``labels`` the model returns per-token cross entropy ``[B, S]`` (fp32).
     """
     parallel = parallel or ParallelConfig()
+    if cfg.is_moe:
+        _patch_moe_router_without_te()
+        if cfg.moe_token_dispatcher == "alltoall" and not torch.cuda.is_available():
+            raise ValueError("model.moe_token_dispatcher=alltoall needs CUDA (it waits on CUDA events); use allgather")
     if pre_process is None:
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
@@ -142,7 +188,7 @@ def build_gpt(
     config = to_transformer_config(cfg, parallel, bf16=bf16)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(cfg),
+        transformer_layer_spec=layer_spec(cfg, parallel=parallel),
         vocab_size=cfg.padded_vocab_size(parallel.tp),
         max_sequence_length=cfg.seq_length,
         pre_process=pre_process,
@@ -151,6 +197,7 @@ def build_gpt(
         share_embeddings_and_output_weights=not cfg.untie_embeddings,
         position_embedding_type="rope",
         rotary_base=cfg.rotary_base,
+        rotary_percent=cfg.rotary_percent,
     )
     if not torch.cuda.is_available():
         return model
@@ -158,6 +205,7 @@ def build_gpt(
 
 
 _LAYER = re.compile(r"(decoder\.layers\.)(\d+)(\.)")
+_EXPERT = re.compile(r"(\.local_experts\.)(\d+)(\.)")
 
 
 def init_layout_independent(model: torch.nn.Module, cfg: ModelConfig, seed: int) -> None:
@@ -171,8 +219,15 @@ def init_layout_independent(model: torch.nn.Module, cfg: ModelConfig, seed: int)
     """
     offset = get_transformer_layer_offset(model.config)
     tp, tp_rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+    # expert parallelism: this rank holds routed experts [ep_rank * local, (ep_rank + 1) * local)
+    expert_offset = (
+        parallel_state.get_expert_model_parallel_rank()
+        * (cfg.num_experts or 0)
+        // max(parallel_state.get_expert_model_parallel_world_size(), 1)
+    )
     for name, param in model.named_parameters():
         global_name = _LAYER.sub(lambda m: f"{m[1]}{int(m[2]) + offset}{m[3]}", name)
+        global_name = _EXPERT.sub(lambda m: f"{m[1]}{int(m[2]) + expert_offset}{m[3]}", global_name)
         if global_name == "output_layer.weight" and not cfg.untie_embeddings:
             global_name = "embedding.word_embeddings.weight"  # tied: the last stage's copy of the embedding
         shape = list(param.shape)

@@ -29,7 +29,8 @@ def _free_port() -> int:
 def init_distributed(parallel: ParallelConfig, seed: int, *, timeout_min: int = 30) -> None:
     """Initialise torch.distributed, Megatron model parallelism and the RNG trackers (idempotent).
 
-    Raises ValueError when the world size is not a multiple of tp * pp * cp, naming the sizes.
+    Raises ValueError when the world size is not a multiple of tp * pp * cp, or ep does not divide
+    world / (tp * pp), naming the sizes.
     """
     on_gpu = torch.cuda.is_available()
     if not on_gpu:
@@ -51,11 +52,15 @@ def init_distributed(parallel: ParallelConfig, seed: int, *, timeout_min: int = 
             f"world size {world} is not a multiple of trainer.parallel tp*pp*cp = "
             f"{parallel.tp}*{parallel.pp}*{parallel.cp}"
         )
+    if (world // (parallel.tp * parallel.pp)) % parallel.ep:
+        dp_tp = world // (parallel.tp * parallel.pp)
+        raise ValueError(f"trainer.parallel.ep={parallel.ep} must divide world size / (tp*pp) = {dp_tp}")
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tp,
             pipeline_model_parallel_size=parallel.pp,
             context_parallel_size=parallel.cp,
+            expert_model_parallel_size=parallel.ep,
         )
     set_seed(seed)
 

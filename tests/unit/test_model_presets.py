@@ -23,9 +23,20 @@ def test_model_preset_has_the_published_parameter_count(preset: str, billions: f
     assert cfg.num_parameters() / 1e9 == pytest.approx(billions, rel=0.01)
 
 
+def test_moe_preset_has_the_published_total_and_active_parameter_counts() -> None:
+    cfg = OmegaConf.to_object(compose(config_name="sft", overrides=["model=glm4.5-air"])).model
+    assert cfg.num_parameters() / 1e9 == pytest.approx(106, rel=0.01)
+    embeddings = 2 * cfg.padded_vocab_size() * cfg.hidden_size  # the published "active" count leaves them out
+    assert (cfg.num_parameters(active=True) - embeddings) / 1e9 == pytest.approx(12, rel=0.02)
+
+
 @pytest.mark.parametrize(
     ("experiment", "world", "layout"),
-    [("qwen3-8b", 32, "TP 4 x PP 1 x CP 2 x DP 4"), ("qwen2.5-32b", 64, "TP 8 x PP 4 x CP 1 x DP 2")],
+    [
+        ("qwen3-8b", 32, "TP 4 x PP 1 x CP 2 x DP 4"),
+        ("qwen2.5-32b", 64, "TP 8 x PP 4 x CP 1 x DP 2"),
+        ("glm4.5-air", 128, "TP 2 x PP 2 x CP 2 x DP 16 (EP 16)"),
+    ],
 )
 def test_real_model_experiment_layout_is_valid_at_its_cluster_size(experiment: str, world: int, layout: str) -> None:
     cfg = OmegaConf.to_object(compose(config_name="sft", overrides=[f"experiment={experiment}", "data.tokenizer=x"]))
@@ -37,6 +48,9 @@ def test_world_size_not_divisible_by_model_parallel_is_named() -> None:
     cfg = OmegaConf.to_object(compose(config_name="sft", overrides=["experiment=qwen3-8b", "data.tokenizer=x"]))
     with pytest.raises(ValueError, match="tp\\*pp\\*cp"):
         describe(cfg, 12)
+    moe = OmegaConf.to_object(compose(config_name="sft", overrides=["experiment=glm4.5-air", "data.tokenizer=x"]))
+    with pytest.raises(ValueError, match="parallel.ep=16"):
+        describe(moe, 96)  # a multiple of tp*pp*cp = 8, but 96 / (tp*pp) = 24 ranks cannot hold EP 16
 
 
 def test_sequence_longer_than_the_model_is_named() -> None:
