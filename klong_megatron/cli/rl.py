@@ -21,14 +21,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from klong_megatron.cli.sft import _run_names, data_parallel_size
+from klong_megatron.cli.sft import _run_names
 from klong_megatron.config import CONFIG_DIR, register_configs
 from klong_megatron.config.rl import RLConfig
 
 
 def describe(cfg: RLConfig, world_size: int = 1) -> str:
     """One paragraph: model, layout, stages and rollout volume (the dry-run output); checks the layout."""
-    dp = data_parallel_size(cfg.trainer, world_size)
+    dp = cfg.trainer.parallel.data_parallel_size(world_size)
     stages = ", ".join(
         f"{s.timeout_s:g}s x {s.iterations} it x {s.tasks_per_iteration} tasks x {s.rollouts_per_task}"
         for s in cfg.stages

@@ -25,7 +25,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from klong_megatron.config import CONFIG_DIR, register_configs
 from klong_megatron.config.sft import SFTConfig
-from klong_megatron.config.trainer import TrainerConfig
 
 
 def _run_names() -> tuple[str, str | None]:
@@ -53,20 +52,10 @@ def export_submitit_ranks() -> bool:
     return True
 
 
-def data_parallel_size(trainer: TrainerConfig, world_size: int) -> int:
-    """DP of ``world_size`` processes under ``trainer.parallel``; ValueError when it does not divide."""
-    p = trainer.parallel
-    if world_size % p.model_parallel_size:
-        raise ValueError(f"world size {world_size} is not a multiple of tp*pp*cp = {p.model_parallel_size}")
-    if (world_size // (p.tp * p.pp)) % p.ep:
-        raise ValueError(f"trainer.parallel.ep={p.ep} must divide world size / (tp*pp) = {world_size // (p.tp * p.pp)}")
-    return world_size // p.model_parallel_size
-
-
 def describe(cfg: SFTConfig, world_size: int) -> str:
     """One paragraph: model size, parallel layout and batch plan (the dry-run output)."""
     p = cfg.trainer.parallel
-    dp = data_parallel_size(cfg.trainer, world_size)
+    dp = p.data_parallel_size(world_size)
     per = cfg.trainer.micro_batch_size * dp
     if cfg.trainer.global_batch_size % per:
         raise ValueError(

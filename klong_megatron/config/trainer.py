@@ -42,6 +42,19 @@ class ParallelConfig:
     def model_parallel_size(self) -> int:
         return self.tp * self.pp * self.cp
 
+    def data_parallel_size(self, world_size: int) -> int:
+        """DP of ``world_size`` processes; ValueError naming the sizes when tp*pp*cp or ep does not fit."""
+        if world_size % self.model_parallel_size:
+            raise ValueError(
+                f"world size {world_size} is not a multiple of trainer.parallel tp*pp*cp = "
+                f"{self.tp}*{self.pp}*{self.cp}"
+            )
+        if (world_size // (self.tp * self.pp)) % self.ep:
+            raise ValueError(
+                f"trainer.parallel.ep={self.ep} must divide world size / (tp*pp) = {world_size // (self.tp * self.pp)}"
+            )
+        return world_size // self.model_parallel_size
+
 
 @dataclass
 class TrainerConfig:

@@ -72,17 +72,18 @@ def resolve_impl(cfg: ModelConfig, have_te: bool | None = None) -> str:
 
 
 def layer_spec(
-    cfg: ModelConfig, have_te: bool | None = None, parallel: ParallelConfig | None = None
+    cfg: ModelConfig, have_te: bool | None = None, config: TransformerConfig | None = None
 ) -> ModuleSpec | TransformerBlockSubmodules:
     """The transformer layer spec for ``cfg`` (TE or local, see :func:`resolve_impl`).
 
-    An MoE model gets a block spec with one entry per layer of this pipeline stage (``parallel``):
-    dense MLPs for the first ``moe_first_dense_layers``, MoE MLPs after.
+    An MoE model gets a block spec with one entry per layer of this pipeline stage (``config``, the
+    model's TransformerConfig; default: ``to_transformer_config(cfg)``): dense MLPs for the first
+    ``moe_first_dense_layers``, MoE MLPs after.
     """
     te = resolve_impl(cfg, have_te) == "te"
     if cfg.is_moe:
-        tcfg = to_transformer_config(cfg, parallel)
-        return get_gpt_decoder_block_spec(tcfg, use_transformer_engine=te, normalization="RMSNorm")
+        config = config or to_transformer_config(cfg)
+        return get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization="RMSNorm")
     if te:
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
     return get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization="RMSNorm")
@@ -188,7 +189,7 @@ def build_gpt(
     config = to_transformer_config(cfg, parallel, bf16=bf16)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(cfg, parallel=parallel),
+        transformer_layer_spec=layer_spec(cfg, config=config),
         vocab_size=cfg.padded_vocab_size(parallel.tp),
         max_sequence_length=cfg.seq_length,
         pre_process=pre_process,
@@ -220,11 +221,8 @@ def init_layout_independent(model: torch.nn.Module, cfg: ModelConfig, seed: int)
     offset = get_transformer_layer_offset(model.config)
     tp, tp_rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
     # expert parallelism: this rank holds routed experts [ep_rank * local, (ep_rank + 1) * local)
-    expert_offset = (
-        parallel_state.get_expert_model_parallel_rank()
-        * (cfg.num_experts or 0)
-        // max(parallel_state.get_expert_model_parallel_world_size(), 1)
-    )
+    ep, ep_rank = parallel_state.get_expert_model_parallel_world_size(), parallel_state.get_expert_model_parallel_rank()
+    expert_offset = ep_rank * (cfg.num_experts or 0) // ep
     for name, param in model.named_parameters():
         global_name = _LAYER.sub(lambda m: f"{m[1]}{int(m[2]) + offset}{m[3]}", name)
         global_name = _EXPERT.sub(lambda m: f"{m[1]}{int(m[2]) + expert_offset}{m[3]}", global_name)

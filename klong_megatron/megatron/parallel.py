@@ -46,15 +46,7 @@ def init_distributed(parallel: ParallelConfig, seed: int, *, timeout_min: int = 
         else:  # a plain process: world of one on a free local port (the environment is left untouched)
             init = f"tcp://127.0.0.1:{_free_port()}"
             dist.init_process_group(backend=backend, init_method=init, rank=0, world_size=1, timeout=timeout)
-    world = dist.get_world_size()
-    if world % parallel.model_parallel_size:
-        raise ValueError(
-            f"world size {world} is not a multiple of trainer.parallel tp*pp*cp = "
-            f"{parallel.tp}*{parallel.pp}*{parallel.cp}"
-        )
-    if (world // (parallel.tp * parallel.pp)) % parallel.ep:
-        dp_tp = world // (parallel.tp * parallel.pp)
-        raise ValueError(f"trainer.parallel.ep={parallel.ep} must divide world size / (tp*pp) = {dp_tp}")
+    parallel.data_parallel_size(dist.get_world_size())  # raises when the layout does not fit
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tp,
