@@ -22,13 +22,14 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from klong_megatron.cli._errors import one_line_errors
 from klong_megatron.config.data import ContextPolicyConfig
 from klong_megatron.data.context import ContextPolicy, Window
 from klong_megatron.data.demo_tasks import DEMO_TRAJECTORIES
 from klong_megatron.data.pack import build_sequence, pack_lengths, packing_efficiency
 from klong_megatron.data.render import Renderer, load_tokenizer
 from klong_megatron.data.split import SplitStats, split_all
-from klong_megatron.data.trajectory import ReadStats, Trajectory, TrajectoryError, read_trajectories, write_jsonl
+from klong_megatron.data.trajectory import ReadStats, Trajectory, read_trajectories, write_jsonl
 
 console = Console(stderr=True)
 
@@ -167,14 +168,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+@one_line_errors("klong-data")
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    try:
-        code = run(args)
-    except (TrajectoryError, ValueError) as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
-        code = 2
-    sys.exit(code)
+    sys.exit(run(args))
 
 
 if __name__ == "__main__":

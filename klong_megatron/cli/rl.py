@@ -21,6 +21,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from klong_megatron.cli._errors import INPUT_ERRORS, check_hydra_overrides, one_line_errors
 from klong_megatron.cli.sft import _run_names
 from klong_megatron.config import CONFIG_DIR, register_configs
 from klong_megatron.config.rl import RLConfig
@@ -89,6 +90,7 @@ def _print_scores(logger, summary: dict) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="rl")
+@one_line_errors("klong-rl", INPUT_ERRORS)
 def _main(dcfg: DictConfig) -> None:
     cfg: RLConfig = OmegaConf.to_object(dcfg)
     output_dir, run_name = _run_names()
@@ -97,8 +99,10 @@ def _main(dcfg: DictConfig) -> None:
         raise SystemExit(128 + summary["signal"])
 
 
+@one_line_errors("klong-rl")
 def main() -> None:
     register_configs()
+    check_hydra_overrides("klong-rl", CONFIG_DIR, "rl")
     _main()
 
 

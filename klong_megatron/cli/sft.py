@@ -23,6 +23,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from klong_megatron.cli._errors import INPUT_ERRORS, check_hydra_overrides, one_line_errors
 from klong_megatron.config import CONFIG_DIR, register_configs
 from klong_megatron.config.sft import SFTConfig
 
@@ -111,6 +112,7 @@ def run(cfg: SFTConfig, output_dir: str | Path, run_name: str | None = None) -> 
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="sft")
+@one_line_errors("klong-sft", INPUT_ERRORS)
 def _main(dcfg: DictConfig) -> float | None:
     cfg: SFTConfig = OmegaConf.to_object(dcfg)
     export_submitit_ranks()
@@ -122,8 +124,10 @@ def _main(dcfg: DictConfig) -> float | None:
     return summary.get("metrics", {}).get("loss")
 
 
+@one_line_errors("klong-sft")
 def main() -> None:
     register_configs()
+    check_hydra_overrides("klong-sft", CONFIG_DIR, "sft")
     _main()
 
 

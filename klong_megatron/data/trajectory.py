@@ -18,10 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from klong_megatron.atomic import atomic_output
+from klong_megatron.errors import UserError
+
 ROLES = ("system", "user", "assistant", "tool")
 
 
-class TrajectoryError(ValueError):
+class TrajectoryError(UserError):
     """A malformed trajectory; the message names ``file:line`` and the field."""
 
 
@@ -217,9 +220,10 @@ def read_trajectories(
 
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
-    """Write dict records as JSONL; returns the number written."""
+    """Write dict records as JSONL; returns the number written. Atomic: an error while the records are
+    produced (a malformed trajectory, Ctrl-C) leaves no partial file at ``path``."""
     n = 0
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for rec in records:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             n += 1

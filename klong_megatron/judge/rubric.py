@@ -21,11 +21,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from klong_megatron.errors import UserError
+
 CATEGORIES = ("Code Development", "Code Execution", "Result Analysis")
 _KEYS = {"id", "requirements", "weight", "sub_tasks", "task_category", "finegrained_task_category", "check"}
 
 
-class RubricError(ValueError):
+class RubricError(UserError):
     """A rubric that breaks the format; the message names the source, node id and JSON path."""
 
 
