@@ -17,6 +17,7 @@ import sys
 
 import torch
 
+from klong_megatron.cli._errors import one_line_errors
 from klong_megatron.config.rollout import DevServerConfig
 from klong_megatron.rollout.devmodel import build_dev_model
 from klong_megatron.rollout.devserver import DevServer
@@ -36,6 +37,7 @@ def _parse(argv: list[str] | None) -> DevServerConfig:
         raise
 
 
+@one_line_errors("klong-devserver")
 def main(argv: list[str] | None = None) -> None:
     cfg = _parse(argv)
     # Requests are served from handler threads; torch's intra-op pool then competes with itself

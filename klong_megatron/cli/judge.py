@@ -21,6 +21,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from klong_megatron.cli._errors import one_line_errors
 from klong_megatron.config.judge import JudgeConfig
 from klong_megatron.judge.judge import JudgeResult
 from klong_megatron.judge.rubric import CATEGORIES, RubricError, TaskNode, leaf_weights, load_rubric
@@ -95,6 +96,7 @@ async def _grade(cfg: JudgeConfig, tree: TaskNode, args: argparse.Namespace) -> 
             await pool.aclose()
 
 
+@one_line_errors("klong-judge")
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
