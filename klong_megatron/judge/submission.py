@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 from pathlib import Path
 
 IGNORED_DIRS = {".git", ".hg", "__pycache__", ".venv", "venv", "node_modules", ".mypy_cache", ".pytest_cache"}
 REPRODUCE_SCRIPT = "reproduce.sh"
 REPRODUCE_LOG = "reproduce.log"
+REPRODUCE_CREATION_TIME = "reproduce.log.creation_time"
+"""PaperBench's record of the run's start (``date +%s`` before it); read when there is no REPRODUCE_META."""
+REPRODUCE_META = "reproduce.meta.json"
+"""Written by the reproduction step (eval/reproduce.py) next to the real reproduce.log: exit_code, duration_s,
+timed_out, missing_script, log_created_at (unix seconds; Result Analysis sees files modified after it)."""
 
 
 class Submission:
@@ -47,6 +53,31 @@ class Submission:
             h.update(f"{rel}\0{len(data)}\0".encode())
             h.update(data)
         return h.hexdigest()
+
+    def mtime(self, rel: str) -> float:
+        """Modification time (unix epoch seconds) of a file of the submission."""
+        return (self.root / rel).stat().st_mtime
+
+    def log_created_at(self) -> float | None:
+        """When the reproduction run that wrote ``reproduce.log`` started (unix epoch seconds), or None.
+
+        From ``reproduce.meta.json`` (``log_created_at``), else PaperBench's ``reproduce.log.creation_time``,
+        else the modification time of ``reproduce.log`` (PaperBench's own fallback, paperbench/judge/base.py);
+        None without a log. A malformed meta or creation-time file is a ValueError naming the file.
+        """
+        meta, stamp, log = (self.root / n for n in (REPRODUCE_META, REPRODUCE_CREATION_TIME, REPRODUCE_LOG))
+        if meta.is_file():
+            try:
+                value = json.loads(meta.read_text())["log_created_at"]
+                return float(value)
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{meta}: field 'log_created_at' must be a number ({type(e).__name__}: {e})") from None
+        if stamp.is_file():
+            try:
+                return float(stamp.read_text().strip())
+            except ValueError:
+                raise ValueError(f"{stamp}: expected epoch seconds, got {stamp.read_text()[:40]!r}") from None
+        return log.stat().st_mtime if log.is_file() else None
 
     def size(self, rel: str) -> int:
         return (self.root / rel).stat().st_size

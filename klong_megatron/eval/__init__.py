@@ -1,0 +1,1 @@
+"""klong-eval: task folders x model engine -> rollouts -> reproduction step -> judge -> report."""
