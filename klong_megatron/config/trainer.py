@@ -95,6 +95,9 @@ class TrainerConfig:
     """Explicit checkpoint directory to resume from; a missing one is an error."""
     exit_after_steps: int | None = None
     """Stop this process after this many steps (with a checkpoint), as a preemption would."""
+    packed_format: str = "auto"
+    """Micro-batch layout: "auto" (a flat THD sequence [1, mbs*S] with Transformer Engine, [mbs, S] rows with
+    a block mask without) or "thd" (always flat; without TE a [1,1,T,T] block mask: CPU tests of the GPU layout)."""
     layout_independent_init: bool = True
     """Initialise weights from their global names so every TP/PP layout starts from the same model."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -114,6 +117,8 @@ class TrainerConfig:
                 raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
         if self.min_lr > self.lr:
             raise ValueError(f"trainer.min_lr ({self.min_lr}) must be <= trainer.lr ({self.lr})")
+        if self.packed_format not in ("auto", "thd"):
+            raise ValueError(f"trainer.packed_format must be auto or thd, got {self.packed_format!r}")
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
             raise ValueError("trainer.adam_beta1 and trainer.adam_beta2 must be in [0, 1)")
 

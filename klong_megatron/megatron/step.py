@@ -7,7 +7,10 @@ trained token weighs the same however windows are spread over micro-batches and 
 
 Batches are dicts from ``collate``: ``tokens``/``labels``/``position_ids`` LongTensor ``[B,S]``,
 ``loss_mask`` FloatTensor ``[B,S]``, and either ``attention_mask`` BoolTensor ``[B,1,S,S]``
-(local spec) or ``cu_seqlens``/``max_seqlen`` (TE THD packing), plus ``trajectory_ids``.
+(local spec) or ``cu_seqlens``/``max_seqlen`` (TE THD packing), plus ``trajectory_ids``. A THD
+micro-batch is one flat ``[1, T]`` sequence (``sft.batches.thd_batch_for_cp_rank``: segments padded for
+context parallelism, ``cu_seqlens_padded``, this CP rank's tokens); through the local spec (CPU tests of
+the GPU layout) it carries a ``[1,1,T,T]`` block mask instead of TE's packing metadata.
 """
 
 from __future__ import annotations
@@ -44,12 +47,19 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor) -> tuple[tor
 
 
 def packed_seq_params(batch: Batch) -> PackedSeqParams:
-    """THD packing metadata for Transformer Engine attention from ``cu_seqlens``/``max_seqlen``."""
+    """THD packing metadata for Transformer Engine attention from ``cu_seqlens``/``max_seqlen``.
+
+    With ``cu_seqlens_padded`` (segments padded to a multiple of 2*CP, ``sft.batches.pad_thd``) both are
+    passed, as megatron-core's ``get_thd_batch_on_this_cp_rank`` does: TE skips the padding tokens.
+    """
     cu = batch["cu_seqlens"].to(torch.int32)
+    padded = batch.get("cu_seqlens_padded")
+    padded = padded.to(torch.int32) if padded is not None else None
     max_len = int(batch["max_seqlen"])
     return PackedSeqParams(
-        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len, max_seqlen_kv=max_len
-    )
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=padded,
+        cu_seqlens_kv_padded=padded, max_seqlen_q=max_len, max_seqlen_kv=max_len,
+    )  # fmt: skip
 
 
 def make_forward_step(on_batch: Callable[[Batch], None] | None = None) -> Callable:
@@ -65,13 +75,16 @@ def make_forward_step(on_batch: Callable[[Batch], None] | None = None) -> Callab
             on_batch(batch)
         if "cu_seqlens" in batch:  # THD: the micro-batch is one flat sequence of packed windows
             flat = {k: batch[k].reshape(1, -1) for k in ("tokens", "position_ids", "labels", "loss_mask")}
-            output = model(
-                flat["tokens"],
-                flat["position_ids"],
-                None,
-                labels=flat["labels"],
-                packed_seq_params=packed_seq_params(batch),
-            )
+            if "attention_mask" in batch:  # the same flat layout through the local spec: a [1,1,T,T] block mask
+                output = model(flat["tokens"], flat["position_ids"], batch["attention_mask"], labels=flat["labels"])
+            else:
+                output = model(
+                    flat["tokens"],
+                    flat["position_ids"],
+                    None,
+                    labels=flat["labels"],
+                    packed_seq_params=packed_seq_params(batch),
+                )
             return output, partial(loss_func, flat["loss_mask"])
         output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
         return output, partial(loss_func, batch["loss_mask"])

@@ -34,7 +34,7 @@ from klong_megatron.megatron.model import uses_packed_seq_params
 from klong_megatron.megatron.parallel import data_parallel_rank_and_size, init_distributed, is_logging_rank
 from klong_megatron.megatron.step import make_forward_step
 from klong_megatron.megatron.training import build_training_model, resolve_bf16
-from klong_megatron.sft.batches import BatchPlan, GlobalBatches, eval_batches, micro_batches
+from klong_megatron.sft.batches import BatchPlan, GlobalBatches, eval_batches, micro_batches, thd_batch_for_cp_rank
 from klong_megatron.sft.metrics import flops_per_token
 
 
@@ -83,6 +83,8 @@ class SFTTrainer:
         self.out = Path(output_dir)
         self.tcfg = cfg.trainer
         self.bf16 = resolve_bf16(self.tcfg)
+        self.thd = self.tcfg.packed_format == "thd" or uses_packed_seq_params(cfg.model)
+        """Micro-batches are flat packed sequences [1, mbs*S] (Transformer Engine's THD layout)."""
         init_distributed(self.tcfg.parallel, self.tcfg.seed)
         self.train_ds, self.valid_ds, self.collate, self._order = self._datasets(data)
         dp_rank, dp_size = data_parallel_rank_and_size()
@@ -115,8 +117,21 @@ class SFTTrainer:
                 f"model.vocab_size ({self.cfg.model.vocab_size}) is smaller than the tokenizer "
                 f"({vocab} tokens, data.tokenizer={self.cfg.data.tokenizer!r})"
             )
-        attention = "thd" if uses_packed_seq_params(self.cfg.model) else "mask"
-        return train, valid, (lambda samples: collate_fn(samples, attention=attention)), data["order"]
+        if not self.thd:
+            return train, valid, (lambda samples: collate_fn(samples, attention="mask")), data["order"]
+        thd_collate = lambda samples: self._thd_micro_batch(collate_fn(samples, attention="thd"))  # noqa: E731
+        return train, valid, thd_collate, data["order"]
+
+    def _thd_micro_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """A collated THD micro-batch as this context-parallel rank feeds it to the model (flat ``[1, T / cp]``)."""
+        p = self.tcfg.parallel
+        cp_rank = parallel_state.get_context_parallel_rank()
+        out = thd_batch_for_cp_rank(batch, p.cp, cp_rank, sequence_parallel_tp=p.tp if p.sequence_parallel else 1)
+        if not uses_packed_seq_params(self.cfg.model):  # local spec: the flat sequence under a block mask
+            from klong_megatron.data.dataset import block_causal_mask
+
+            out["attention_mask"] = block_causal_mask(out["cu_seqlens_padded"], out["tokens"].shape[1])[None]
+        return out
 
     def _maybe_resume(self) -> None:
         t = self.tcfg
@@ -137,21 +152,25 @@ class SFTTrainer:
         mbs = micro_batches(dataset, local, self.plan.micro_batch_size, self.collate)
         windows = float(sum(len(ids) for mb in mbs for ids in mb["trajectory_ids"]))
         self._batch_ids = [ids for mb in mbs for ids in mb["trajectory_ids"]]
+        # pipeline buffers: (S, mbs, H) for rows; (mbs*S, 1, H) for a flat THD sequence (Megatron divides by CP)
+        seq_length, mbs_size = (
+            (self.seq_len * self.plan.micro_batch_size, 1) if self.thd else (self.seq_len, self.plan.micro_batch_size)
+        )
         out = get_forward_backward_func()(
             forward_step_func=make_forward_step(),
             data_iterator=iter(mbs),
             model=[self.model],
             num_microbatches=len(mbs),
-            seq_length=self.seq_len,
-            micro_batch_size=self.plan.micro_batch_size,
+            seq_length=seq_length,
+            micro_batch_size=mbs_size,
             forward_only=forward_only,
         )
         totals = torch.zeros(3, dtype=torch.float64, device=_device())
         if parallel_state.is_pipeline_last_stage():
-            for item in out:
+            for item in out:  # this CP rank's share of the tokens; the CP ranks' sums add up below
                 totals[:2] += item["lm loss"].to(totals)
-            totals[2] = windows
-        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+            totals[2] = windows if parallel_state.get_context_parallel_rank() == 0 else 0.0
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                            group=parallel_state.get_pipeline_model_parallel_group())  # fmt: skip
