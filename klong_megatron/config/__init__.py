@@ -22,8 +22,22 @@ def register_configs() -> None:
     if _registered:
         return
     cs = ConfigStore.instance()
-    from klong_megatron.config import cluster, data, grpo, judge, logger, model, rl, rollout, sandbox, sft, trainer
+    from klong_megatron.config import (
+        cluster,
+        data,
+        grpo,
+        judge,
+        logger,
+        model,
+        reproduce,
+        rl,
+        rollout,
+        sandbox,
+        sft,
+        trainer,
+    )
+    from klong_megatron.config import eval as eval_cfg
 
-    for module in (data, model, trainer, rollout, sandbox, logger, cluster, sft, grpo, judge, rl):
+    for module in (data, model, trainer, rollout, sandbox, logger, cluster, sft, grpo, judge, reproduce, rl, eval_cfg):
         module.register(cs)
     _registered = True
