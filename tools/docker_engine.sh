@@ -3,10 +3,14 @@
 #   tools/docker_engine.sh start   start dockerd if it is not answering, then build the base image if absent
 #   tools/docker_engine.sh stop    stop a dockerd started by this script
 #   tools/docker_engine.sh image   (re)build the base image only
+#   tools/docker_engine.sh runsc   register gVisor's runsc (if installed) as the engine's "runsc" runtime
 # The base image is Debian bookworm (debootstrap --variant=minbase) with python3, imported with
 # `docker import` because no registry is reachable. The root filesystem tarball is cached under
 # CACHE_DIR so that a wiped engine re-imports it in seconds instead of re-running debootstrap.
-# Knobs: IMAGE, CACHE_DIR, DEBIAN_MIRROR (debootstrap's default when empty), EXTRA_PACKAGES.
+# runsc: when /usr/bin/runsc exists (Debian package runsc), `start` adds it to DAEMON_JSON's "runtimes"
+# (with --network=none: gVisor's own network stack refuses Docker's netns here and sandboxes have none)
+# and reloads a running engine with SIGHUP, so `docker run --runtime=runsc` works without a restart.
+# Knobs: IMAGE, CACHE_DIR, DEBIAN_MIRROR (debootstrap's default when empty), EXTRA_PACKAGES, DAEMON_JSON.
 set -euo pipefail
 IMAGE=${IMAGE:-klong-sandbox:bookworm}
 CACHE_DIR=${CACHE_DIR:-/var/cache/klong-megatron}
@@ -14,6 +18,7 @@ DEBIAN_MIRROR=${DEBIAN_MIRROR:-}
 EXTRA_PACKAGES=${EXTRA_PACKAGES:-}
 PACKAGES="python3,procps${EXTRA_PACKAGES:+,$EXTRA_PACKAGES}"
 STATE_DIR=${STATE_DIR:-/run/klong-dockerd}
+DAEMON_JSON=${DAEMON_JSON:-/etc/docker/daemon.json}
 
 log() { echo "[docker_engine $(date +%H:%M:%S)] $*" >&2; }
 
@@ -37,6 +42,32 @@ start_engine() {
     log "dockerd did not answer within 30 s; last log lines:"
     tail -n 20 "$STATE_DIR/dockerd.log" >&2
     exit 1
+}
+
+register_runsc() {
+    local runsc
+    runsc=$(command -v runsc) || { log "runsc not installed; the runsc runtime is not registered"; return 0; }
+    if docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q '"runsc"'; then
+        log "runtime runsc already registered"
+        return 0
+    fi
+    mkdir -p "$(dirname "$DAEMON_JSON")"
+    # Merge into an existing daemon.json instead of overwriting the operator's settings.
+    python3 - "$DAEMON_JSON" "$runsc" <<'PY'
+import json, os, sys
+path, runsc = sys.argv[1], sys.argv[2]
+cfg = json.load(open(path)) if os.path.exists(path) and os.path.getsize(path) else {}
+cfg.setdefault("runtimes", {})["runsc"] = {"path": runsc, "runtimeArgs": ["--network=none"]}
+json.dump(cfg, open(path, "w"), indent=2)
+PY
+    local pid
+    pid=$(cat "$STATE_DIR/dockerd.pid" 2>/dev/null || pgrep -x dockerd || true)
+    [ -n "$pid" ] && kill -HUP "$pid"
+    for _ in $(seq 1 40); do
+        docker info --format '{{json .Runtimes}}' | grep -q '"runsc"' && { log "runtime runsc registered ($runsc)"; return 0; }
+        sleep 0.25
+    done
+    log "runsc written to $DAEMON_JSON but the engine did not load it (restart dockerd)"
 }
 
 build_image() {
@@ -66,8 +97,10 @@ start)
     else
         build_image
     fi
+    register_runsc
     ;;
 image) start_engine && build_image ;;
+runsc) start_engine && register_runsc ;;
 stop)
     if [ -s "$STATE_DIR/dockerd.pid" ]; then
         kill "$(cat "$STATE_DIR/dockerd.pid")" && log "dockerd stopped"
@@ -76,7 +109,7 @@ stop)
     fi
     ;;
 *)
-    echo "usage: $0 start|stop|image" >&2
+    echo "usage: $0 start|stop|image|runsc" >&2
     exit 2
     ;;
 esac

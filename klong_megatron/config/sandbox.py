@@ -113,6 +113,26 @@ class SandboxConfig:
     """Label of this run's containers/work dirs (reaped at start and exit); empty: host + pid."""
     host_dir: str | None = None
     """Where bwrap work dirs live on the host; None: the system temp dir."""
+    uid: int = 1000
+    """Commands run as this uid/gid (never 0 unless ``run_as_root``); the work dir is owned by it. bwrap: the
+    ids seen inside its user namespace (run as root, each sandbox is a distinct unprivileged host uid)."""
+    gid: int = 1000
+    run_as_root: bool = False
+    """Opt-in for tasks that must be root (e.g. ``apt-get install``; also set read_only_root=false). RISK:
+    Docker adds back ROOT_CAPS (CHOWN, DAC_OVERRIDE, FOWNER, FSETID, SETUID, SETGID, KILL), so the command can
+    read/write any file of the container and a kernel or runtime bug would put host root one step away;
+    no-new-privileges and the default seccomp profile stay. bwrap: uid 0 only inside its user namespace."""
+    cap_add: list[str] = field(default_factory=list)
+    """Docker: capabilities added back to the empty set (e.g. NET_RAW for ping). bwrap: must be empty."""
+    runtime: str | None = None
+    """Docker: OCI runtime registered with the engine, e.g. ``runsc`` (gVisor; tools/docker_engine.sh
+    registers it when installed). None: the engine's default (runc). bwrap: must be None."""
+    workdir_mb: int | None = 10240
+    """Work dir size: a sparse ext4 image loop-mounted (nosuid, nodev) on the host, so a full disk fails with
+    "No space left on device" and the host disk grows by at most this much. Needs root on the host (and a
+    local Docker engine). None: no limit (Docker: a named volume; bwrap: a plain host directory)."""
+    nofile: int = 8192
+    """Open file descriptors per process (nofile rlimit)."""
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     """The agent's tools running in this sandbox."""
 
@@ -135,11 +155,28 @@ class SandboxConfig:
                 raise ValueError(f"network must be none, allowlist or host for bwrap, got {self.network!r}")
             if self.gpus != 0:
                 raise ValueError(f"gpus must be 0 for bwrap (no device isolation), got {self.gpus}")
+            if self.runtime or self.cap_add:
+                raise ValueError("runtime and cap_add are Docker options; bwrap takes neither")
+        self._check_privileges()
         self._check_allowlist()
         for i, spec in enumerate(self.ro_binds):
             host, sep, inside = spec.partition(":")
             if not sep or not host.startswith("/") or not inside.startswith("/"):
                 raise ValueError(f"ro_binds[{i}] must be /host/path:/sandbox/path, got {spec!r}")
+
+    def _check_privileges(self) -> None:
+        for name in ("uid", "gid"):
+            value = getattr(self, name)
+            if not 0 < value < 2**31:
+                raise ValueError(f"{name} must be in 1..2^31-1 (for uid 0 set run_as_root=true), got {value}")
+        if self.workdir_mb is not None and self.workdir_mb < 8:
+            raise ValueError(f"workdir_mb must be >= 8 or null, got {self.workdir_mb}")
+        if self.nofile < 64:
+            raise ValueError(f"nofile must be >= 64, got {self.nofile}")
+        for i, cap in enumerate(self.cap_add):
+            name = cap.upper().removeprefix("CAP_")
+            if not re.fullmatch(r"[A-Z_]+", name) or name == "ALL":
+                raise ValueError(f"cap_add[{i}] must name one capability (e.g. NET_RAW), got {cap!r}")
 
     def _check_allowlist(self) -> None:
         if self.network != "allowlist":

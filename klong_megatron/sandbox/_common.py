@@ -7,9 +7,14 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import tempfile
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from klong_megatron.config.sandbox import SandboxConfig
 
 log = logging.getLogger(__name__)
 
@@ -81,16 +86,31 @@ def host_dir_prefix() -> str:
 
 
 def reap_dead_dirs(host_dir: str | None = None) -> list[str]:
-    """Remove ``klong-sbx-<pid>-*`` directories under ``host_dir`` (None: temp dir) whose pid is dead."""
+    """Remove ``klong-sbx-<pid>-*`` directories (work disks unmounted first) and disk images under
+    ``host_dir`` (None: temp dir) whose pid is dead."""
     removed = []
     for d in Path(host_dir or tempfile.gettempdir()).glob("klong-sbx-*"):
         m = _DIR_RE.match(d.name)
-        if m and d.is_dir() and not pid_alive(int(m.group(1))):
-            shutil.rmtree(d, ignore_errors=True)
+        if not m or pid_alive(int(m.group(1))):
+            continue
+        if d.is_dir():
+            unmount_and_remove(d)
             removed.append(str(d))
+        elif d.name.endswith(".img"):
+            d.unlink(missing_ok=True)
     if removed:
         log.info("reaped %d leftover sandbox dir(s) of dead processes", len(removed))
     return removed
+
+
+def unmount_and_remove(mount_dir: Path) -> None:
+    """Unmount ``mount_dir`` if it is a mount point (lazily when busy), then delete it and its disk image."""
+    if os.path.ismount(mount_dir):
+        if subprocess.run(["umount", str(mount_dir)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount_dir)], capture_output=True)
+    if not os.path.ismount(mount_dir):
+        shutil.rmtree(mount_dir, ignore_errors=True)
+    mount_dir.with_name(mount_dir.name + ".img").unlink(missing_ok=True)
 
 
 def pid_alive(pid: int) -> bool:
@@ -119,3 +139,21 @@ def writable_path(workdir: str, path: str) -> str:
     if not target.startswith(root + "/"):
         raise PermissionError(f"write_file writes only under {root}; got {path!r}")
     return target
+
+
+def check_ro_binds(cfg: SandboxConfig) -> None:
+    """Commands run as an unprivileged uid: each ``ro_binds`` host path must be readable by others and its
+    parents searchable, else the sandbox would silently see nothing. Raises SandboxError naming the path."""
+    if cfg.run_as_root:
+        return
+    for i, spec in enumerate(cfg.ro_binds):
+        host = Path(spec.partition(":")[0])
+        if not host.exists():
+            raise SandboxError(f"ro_binds[{i}]: {host} does not exist")
+        for part in (host, *host.parents):
+            need = (0o005 if part.is_dir() else 0o004) if part == host else 0o001
+            if part.stat().st_mode & need != need:
+                raise SandboxError(
+                    f"ro_binds[{i}]: {part} is not {'readable' if part == host else 'searchable'} by the sandbox's "
+                    f"unprivileged uid (mode {oct(part.stat().st_mode & 0o777)}); chmod o+rX it (o+x its parents)"
+                )

@@ -31,6 +31,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
 
@@ -38,6 +39,7 @@ from klong_megatron.config.sandbox import SandboxConfig
 from klong_megatron.sandbox._common import (
     OutputCapture,
     SandboxError,
+    check_ro_binds,
     default_run_id,
     host_dir_prefix,
     reap_dead_dirs,
@@ -45,7 +47,9 @@ from klong_megatron.sandbox._common import (
     writable_path,
 )
 from klong_megatron.sandbox.base import ExecResult
+from klong_megatron.sandbox.disk import WorkDisk
 from klong_megatron.sandbox.egress import NET_DIR, EgressProxy, forwarder_argv, proxy_env
+from klong_megatron.sandbox.seccomp import filter_fd
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +96,7 @@ class BwrapSandbox:
         self.egress: EgressProxy | None = None
         """network=allowlist: the proxy (``egress.refusals`` lists what was refused)."""
         self._procs: set[subprocess.Popen] = set()
+        self._disk: WorkDisk | None = None
         self._procs_changed = threading.Condition()
 
     def start(self) -> None:
@@ -100,12 +105,18 @@ class BwrapSandbox:
         if shutil.which("bwrap") is None:
             raise SandboxError("bubblewrap (bwrap) is not installed; apt-get install bubblewrap")
         reap_leftovers(self.cfg.host_dir)
-        self.host_work = Path(tempfile.mkdtemp(prefix=host_dir_prefix(), dir=self.cfg.host_dir))
-        self.name = self.host_work.name
-        _live[id(self)] = self
         if os.geteuid() == 0:
             self.uid = UID_BASE + (os.getpid() * 97 + next(_uids)) % 100_000
-            os.chown(self.host_work, self.uid, self.uid)
+            check_ro_binds(self.cfg)
+        owner = os.geteuid() if self.uid is None else self.uid
+        if self.cfg.workdir_mb is not None:
+            self._disk = WorkDisk(self.cfg.workdir_mb, self.cfg.host_dir, owner, owner)
+            self.host_work = self._disk.create()
+        else:
+            self.host_work = Path(tempfile.mkdtemp(prefix=host_dir_prefix(), dir=self.cfg.host_dir))
+            os.chown(self.host_work, owner, owner)
+        self.name = self.host_work.name
+        _live[id(self)] = self
         if self.cfg.network == "allowlist":
             if shutil.which("python3") is None:
                 self.close()
@@ -130,7 +141,10 @@ class BwrapSandbox:
         if self.egress is not None:
             self.egress.close()
             self.egress = None
-        if host_work is not None:
+        if self._disk is not None:
+            self._disk.remove()
+            self._disk = None
+        elif host_work is not None:
             shutil.rmtree(host_work, ignore_errors=True)
 
     def __enter__(self) -> Self:
@@ -141,18 +155,23 @@ class BwrapSandbox:
         self.close()
 
     # -- command line -----------------------------------------------------------------------------
-    def _argv(self, inner: list[str], cwd: str, env: dict[str, str] | None) -> list[str]:
+    def _argv(self, inner: list[str], cwd: str, env: dict[str, str] | None, seccomp: int | None) -> list[str]:
         if self.host_work is None:
             raise SandboxError("bwrap sandbox is not started")
         cfg = self.cfg
         prefix: list[str] = []
         limits = [f"--as={cfg.memory_mb * 1024 * 1024}", f"--fsize={cfg.max_file_mb * 1024 * 1024}"]
+        limits.append(f"--nofile={cfg.nofile}")
         if cfg.cpu_time_s:
             limits.append(f"--cpu={cfg.cpu_time_s}")
         if self.uid is not None:
             prefix = ["setpriv", f"--reuid={self.uid}", f"--regid={self.uid}", "--clear-groups", "--"]
             limits.append(f"--nproc={cfg.pids}")
-        args = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--hostname", "sandbox"]
+        inside = "0" if cfg.run_as_root else None
+        args = ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent", "--new-session"]
+        args += ["--hostname", "sandbox", "--uid", inside or str(cfg.uid), "--gid", inside or str(cfg.gid)]
+        if seccomp is not None:
+            args += ["--seccomp", str(seccomp)]
         if cfg.network == "host":
             args.append("--share-net")
         if self.egress is not None:
@@ -185,14 +204,19 @@ class BwrapSandbox:
         inner = ["/bin/sh", "-c", cmd]
         if self.egress is not None:  # the forwarder listens first, then runs the command as its child
             inner = forwarder_argv("--", *inner)
-        argv = self._argv(inner, sandbox_path(self.cfg.workdir, cwd or self.cfg.workdir), env)
         t0 = time.monotonic()
         out, err = OutputCapture(self.cfg.max_output_bytes), OutputCapture(self.cfg.max_output_bytes)
-        with self._procs_changed:
+        with self._procs_changed, _seccomp_fd() as fd:
             if self.host_work is None:
                 raise SandboxError(f"sandbox {self.name} is closed")
+            argv = self._argv(inner, sandbox_path(self.cfg.workdir, cwd or self.cfg.workdir), env, fd)
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                pass_fds=() if fd is None else (fd,),
             )
             self._procs.add(proc)
         try:
@@ -224,9 +248,13 @@ class BwrapSandbox:
         return ExecResult(code, out.text(), err.text(), False, duration, out.truncated or err.truncated)
 
     def _run_raw(self, inner: list[str], stdin: bytes | None, timeout: float = 60.0) -> tuple[int, bytes, bytes]:
-        argv = self._argv(inner, self.cfg.workdir, None)
         try:
-            p = subprocess.run(argv, input=stdin or b"", capture_output=True, timeout=timeout, start_new_session=True)
+            with _seccomp_fd() as fd:
+                argv = self._argv(inner, self.cfg.workdir, None, fd)
+                fds = () if fd is None else (fd,)
+                p = subprocess.run(
+                    argv, input=stdin or b"", capture_output=True, timeout=timeout, start_new_session=True, pass_fds=fds
+                )
         except subprocess.TimeoutExpired as e:
             raise SandboxError(f"sandbox {self.name}: file operation timed out after {timeout}s") from e
         if p.returncode != 0 and p.stderr.startswith(b"bwrap: "):
@@ -261,6 +289,17 @@ class BwrapSandbox:
         dest = Path(dest)
         shutil.copytree(self.host_work, dest, symlinks=True, dirs_exist_ok=True)
         return dest
+
+
+@contextlib.contextmanager
+def _seccomp_fd() -> Iterator[int | None]:
+    """The seccomp program's pipe for one bwrap start (closed here once bwrap has been spawned)."""
+    fd = filter_fd()
+    try:
+        yield fd
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 def _pump_pipes(proc: subprocess.Popen, deadline: float, out: OutputCapture, err: OutputCapture) -> bool:

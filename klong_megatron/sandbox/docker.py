@@ -48,6 +48,7 @@ from klong_megatron.sandbox._common import (
     REAP_WRAPPER,
     OutputCapture,
     SandboxError,
+    check_ro_binds,
     default_run_id,
     host_dir_prefix,
     new_sandbox_name,
@@ -57,6 +58,7 @@ from klong_megatron.sandbox._common import (
     writable_path,
 )
 from klong_megatron.sandbox.base import ExecResult
+from klong_megatron.sandbox.disk import WorkDisk
 from klong_megatron.sandbox.egress import NET_DIR, EgressProxy, forwarder_argv, proxy_env
 
 log = logging.getLogger(__name__)
@@ -67,6 +69,9 @@ HOST_LABEL = "klong.host"
 PID_LABEL = "klong.pid"
 # PID 1: waits forever and reaps every orphan (dash's wait reaps any child); `kill -1` cannot touch it.
 INIT = ["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 86400 & wait $!; done"]
+# run_as_root adds back what package installs need (dpkg chowns, apt drops to _apt); never NET_RAW, SYS_ADMIN.
+ROOT_CAPS = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "SETUID", "SETGID", "KILL")
+TMP_INODES_PER_MB = 256  # /tmp tmpfs: one inode per 4 KiB of its size (the kernel default is half the RAM's pages)
 
 _reaped_once: list[bool] = []  # the first start in a process sweeps leftovers of dead processes
 _live: dict[str, DockerSandbox] = {}
@@ -131,6 +136,7 @@ class DockerSandbox:
         self.egress: EgressProxy | None = None
         """network=allowlist: the proxy (``egress.refusals`` lists what was refused)."""
         self._forwarder_starts = 0
+        self._disk: WorkDisk | None = None
 
     # -- life cycle -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -143,7 +149,8 @@ class DockerSandbox:
             reap_dead_dirs(self.cfg.host_dir)
         cfg = self.cfg
         self._closing = False
-        volumes = {f"{self.name}-work": {"bind": cfg.workdir, "mode": "rw"}}
+        check_ro_binds(cfg)
+        volumes = {self._work_volume(): {"bind": cfg.workdir, "mode": "rw"}}
         for spec in cfg.ro_binds:
             host, _, inside = spec.partition(":")
             volumes[host] = {"bind": inside, "mode": "ro"}
@@ -159,7 +166,10 @@ class DockerSandbox:
                 {"HOME": "/tmp", **proxy_env(cfg.pip_index_url), **cfg.env},
             )
         fsize = cfg.max_file_mb * 1024 * 1024
-        ulimits = [Ulimit(name="fsize", soft=fsize, hard=fsize)]
+        ulimits = [
+            Ulimit(name="fsize", soft=fsize, hard=fsize),
+            Ulimit(name="nofile", soft=cfg.nofile, hard=cfg.nofile),
+        ]
         if cfg.cpu_time_s:
             ulimits.append(Ulimit(name="cpu", soft=cfg.cpu_time_s, hard=cfg.cpu_time_s))
         gpus = [DeviceRequest(count=cfg.gpus, capabilities=[["gpu"]])] if cfg.gpus else None
@@ -183,8 +193,9 @@ class DockerSandbox:
                 nano_cpus=int(cfg.cpus * 1e9),
                 pids_limit=cfg.pids,
                 read_only=cfg.read_only_root,
-                tmpfs={"/tmp": f"size={cfg.tmp_mb}m,mode=1777"},
+                tmpfs={"/tmp": f"size={cfg.tmp_mb}m,nr_inodes={cfg.tmp_mb * TMP_INODES_PER_MB},mode=1777"},
                 volumes=volumes,
+                **self._privileges(),
                 working_dir=cfg.workdir,
                 environment=env,
                 ulimits=ulimits,
@@ -243,7 +254,58 @@ class DockerSandbox:
             self._client.api.remove_volume(f"{self.name}-work", force=True)
         except DockerException:
             pass
+        if self._disk is not None:
+            self._disk.remove()
+            self._disk = None
         self._container = None
+
+    # -- least privilege --------------------------------------------------------------------------
+    @property
+    def user(self) -> str:
+        """``uid:gid`` of every command (init runs as uid 0 without capabilities, out of the commands' reach)."""
+        return "0:0" if self.cfg.run_as_root else f"{self.cfg.uid}:{self.cfg.gid}"
+
+    def _privileges(self) -> dict[str, Any]:
+        """docker run options: no capabilities but the documented ones, no-new-privileges, the default
+        seccomp profile (none is named, so the engine applies its own), the chosen OCI runtime."""
+        caps = [*(ROOT_CAPS if self.cfg.run_as_root else ()), *self.cfg.cap_add]
+        return {
+            "user": "0:0",
+            "cap_drop": ["ALL"],
+            "cap_add": [c.upper().removeprefix("CAP_") for c in caps] or None,
+            "security_opt": ["no-new-privileges:true"],
+            "runtime": self.cfg.runtime,
+        }
+
+    def _work_volume(self) -> str:
+        """The host side of the work dir: a size-limited disk (``workdir_mb``) or a named volume owned by
+        the command user (chowned once by a throwaway container with CAP_CHOWN only)."""
+        cfg = self.cfg
+        uid, gid = (0, 0) if cfg.run_as_root else (cfg.uid, cfg.gid)
+        if cfg.workdir_mb is not None:
+            self._disk = WorkDisk(cfg.workdir_mb, cfg.host_dir, uid, gid)
+            return str(self._disk.create())
+        volume = f"{self.name}-work"
+        if uid:
+            try:
+                self._client.containers.run(
+                    cfg.image,
+                    ["chown", f"{uid}:{gid}", "/w"],
+                    name=f"{self.name}-chown",
+                    labels={
+                        LABEL: "1",
+                        RUN_LABEL: self.run_id,
+                        HOST_LABEL: socket.gethostname(),
+                        PID_LABEL: str(os.getpid()),
+                    },
+                    volumes={volume: {"bind": "/w", "mode": "rw"}},
+                    network_mode="none",
+                    remove=True,
+                    **{**self._privileges(), "cap_add": ["CHOWN"]},
+                )
+            except DockerException as e:
+                raise SandboxError(f"sandbox {self.name}: cannot prepare the work volume: {e}") from e
+        return volume
 
     def __enter__(self) -> Self:
         self.start()
@@ -257,7 +319,8 @@ class DockerSandbox:
         container and start it again in the background (the next call waits for it)."""
         api = self._client.api
         try:
-            probe = api.exec_create(self.name, ["/bin/sh", "-c", "for _ in 1 2 3; do kill -KILL -1; done; exit 0"])
+            kill = ["/bin/sh", "-c", "for _ in 1 2 3; do kill -KILL -1; done; exit 0"]
+            probe = api.exec_create(self.name, kill, user=self.user)
             api.exec_start(probe["Id"])
             if api.exec_inspect(probe["Id"])["ExitCode"] == 0:
                 log.warning("sandbox %s: %s; killed its processes", self.name, why)
@@ -322,6 +385,7 @@ class DockerSandbox:
             ["/bin/sh", "-c", REAP_WRAPPER, "sh", cmd],
             workdir=sandbox_path(self.cfg.workdir, cwd) if cwd else self.cfg.workdir,
             environment=env or None,
+            user=self.user,
         )["Id"]
         sock = api.exec_start(exec_id, socket=True)
         out, err = OutputCapture(self.cfg.max_output_bytes), OutputCapture(self.cfg.max_output_bytes)
@@ -359,6 +423,7 @@ class DockerSandbox:
         with tarfile.open(fileobj=buf, mode="w") as tar:
             info = tarfile.TarInfo(os.path.basename(target))
             info.size, info.mode, info.mtime = len(payload), 0o644, int(time.time())
+            info.uid, info.gid = (int(x) for x in self.user.split(":"))
             tar.addfile(info, io.BytesIO(payload))
         try:
             self._client.api.put_archive(self.name, parent, buf.getvalue())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import time
 
 import pytest
@@ -19,6 +21,8 @@ def _kill_from_outside(sb) -> None:
 
         docker.from_env().containers.get(sb.name).remove(force=True)
     else:
+        if os.path.ismount(sb.host_work):  # a size-limited work dir (workdir_mb) is a mounted disk image
+            subprocess.run(["umount", "-l", str(sb.host_work)], check=True)
         shutil.rmtree(sb.host_work)
 
 
