@@ -1,30 +1,40 @@
-"""Messages -> token ids, once per message, with the tokenizer's own chat template.
+"""Messages -> one canonical token stream per trajectory, with the tokenizer's own chat template.
 
-Dataflow: ``Trajectory`` -> chat template (Jinja, from the HF tokenizer) -> one string -> one
+Dataflow: ``Trajectory`` (+ its ``tools``) -> per-piece chat-template renderings -> one text -> one
 tokenization -> per-message token spans + assistant mask (``RenderedTrajectory``).
 
-How message boundaries are found without knowing the template: message ``i`` ends where the rendering
-of ``messages[:i+1]`` stops agreeing with the rendering of the whole conversation (longest common
-prefix). This handles templates that group consecutive tool results into one turn (Qwen). A token
-belongs to the message in which its first character lies, so the per-message slices always
-concatenate to the tokenization of the whole conversation.
+The canonical stream is what the agent loop feeds the model and samples, token-in/token-out, with
+history never re-rendered. It is built from pieces, each rendered by the template:
+- the prompt: the messages before the first assistant turn, with ``tools`` (the template puts the
+  schemas in the system or first user turn);
+- each assistant turn: the generation prompt (header, not trained) + the turn as the template renders it
+  when it is the LAST message (what the model generates: ``<think>`` block, content, tool calls) up to and
+  including its stop token (trained) + what the template writes after the stop token (e.g. ChatML's
+  newline, not trained);
+- each run of observations (tool / user / system messages) after an assistant turn: the text the template
+  writes for them after an assistant turn (rendered after a fixed stand-in turn, so that earlier turns are
+  never re-rendered).
+For templates that do not rewrite history (Qwen2.5, Llama-3.1) the stream equals
+``apply_chat_template(messages, tools=...)`` of the whole conversation (tested). For templates that do, the
+stream keeps every turn as it was generated: Qwen3 keeps each turn's ``<think>`` block (empty when the turn
+had no reasoning), GLM-4.5 keeps reasoning before a later user message. GLM-4.5 writes no end-of-turn token:
+its model stops on the token that opens the next turn (``<|observation|>`` before tool results, ``<|user|>``
+otherwise); that token is the end of the assistant's span and trained; a last turn with nothing after it gets
+``eot_token`` (``<|user|>``) appended.
 
-Assistant mask: 1 exactly on what the model generates after the generation prompt: reasoning,
-content, tool-call text and the end-of-turn token; 0 on the header the template writes before it,
-on anything after the end-of-turn token, and on system/user/tool messages.
+Stop tokens: the tokenizer's ``<|im_end|>`` ``<|eot_id|>`` ``<|eom_id|>`` ``<|user|>`` ``<|observation|>`` that
+exist as added tokens, plus ``eos_token``. ``eot_id`` (appended to a turn cut off by ``max_new_tokens``) is the
+first of them present.
 
-Incremental rendering (the agent loop): ``render_new`` renders messages appended after a history and
-``generation_prompt`` the header before the model's next turn; both agree with ``render`` for the
-templates we target (tested on a Qwen-style template with tool calls).
+Template refusals (Llama-3.1's single-tool-call rule, a role the template rejects) raise ``RenderError``:
+one line naming ``file:line``, the trajectory id, the message index and the template's own message.
 
-Limits: templates that rewrite earlier turns once later ones exist (e.g. dropping old reasoning)
-are rendered as the final conversation shows them; rendering is O(n^2) in the number of messages
-(one template call per prefix), which is fine offline and is done once per trajectory.
+Limits: a token belongs to the message in which its first character lies; rendering calls the template
+O(messages) times on short pieces (prompt + the last observations), done once per trajectory.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -33,9 +43,9 @@ from typing import Any
 import numpy as np
 
 from klong_megatron.data.trajectory import Message, Trajectory
+from klong_megatron.errors import UserError
 
-_LOCAL_CONTEXT = 3
-"""Messages of history a template may look back at when rendering one message (verified, see _local_layout)."""
+Tools = list[dict[str, Any]] | None
 
 BYTE_TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "byte_tokenizer"
 BUNDLED_TOKENIZERS = {"byte": BYTE_TOKENIZER_DIR, "demo_bpe": BYTE_TOKENIZER_DIR.parent / "demo_bpe_tokenizer"}
@@ -89,6 +99,21 @@ class RenderedTrajectory:
         }
 
 
+_STOP_NAMES = ("<|im_end|>", "<|eot_id|>", "<|user|>", "<|eom_id|>", "<|observation|>")
+ANCHOR = "KLONG-ANCHOR-7f3a"
+"""Content of the stand-in assistant turn after which observations are rendered (never in the output)."""
+
+
+class RenderError(UserError):
+    """The chat template refused a trajectory; the message names where and the template's reason."""
+
+
+class _Refusal(Exception):
+    def __init__(self, index: int, reason: str):
+        super().__init__(reason)
+        self.index, self.reason = index, reason
+
+
 def _lcp(a: str, b: str) -> int:
     """Length of the longest common prefix (C-speed for the common all-equal case)."""
     n = min(len(a), len(b))
@@ -104,25 +129,59 @@ def _lcp(a: str, b: str) -> int:
     return lo
 
 
+@dataclass
+class _Turn:
+    """One assistant turn's text pieces: header (prompt), body (generated, ends with its stop if the
+    template writes one), suffix (after the stop)."""
+
+    header: str
+    body: str
+    suffix: str
+    has_stop: bool
+
+
 class Renderer:
-    """Renders messages with a tokenizer's chat template. Stateless apart from small caches."""
+    """Renders messages with a tokenizer's chat template (see the module docstring). Stateless apart from caches."""
 
     def __init__(self, tokenizer: Any, *, eot_token: str | None = None):
         self.tokenizer = tokenizer
-        eot = eot_token or tokenizer.eos_token
+        added = set(tokenizer.get_added_vocab())
+        stops = [t for t in _STOP_NAMES if t in added]
+        if tokenizer.eos_token is not None and tokenizer.eos_token not in stops:
+            stops.append(tokenizer.eos_token)
+        eot = eot_token or (stops[0] if stops else None)
         if eot is None:
             raise ValueError("tokenizer has no eos_token; pass eot_token (the end-of-turn token)")
-        self.eot_id = tokenizer.convert_tokens_to_ids(eot)
+        self.eot_text = eot
+        self.eot_id = int(tokenizer.convert_tokens_to_ids(eot))
+        self.stop_texts = tuple(dict.fromkeys([eot, *stops]))
+        self.stop_ids = tuple(int(tokenizer.convert_tokens_to_ids(t)) for t in self.stop_texts)
         self.vocab_size = len(tokenizer)
+        anchor = Message("assistant", ANCHOR)
+        turn = self._turn([Message("user", "Q")], anchor, None, 0)
+        self._anchor_tail = turn.body[turn.body.index(ANCHOR) + len(ANCHOR) :] + turn.suffix
+        self._suffix_text = turn.suffix
+        self.writes_stop = turn.has_stop
+        """False for templates (GLM-4.5) whose turn ends with the token that opens the next message."""
 
     # -- template and tokenizer calls -------------------------------------------------------------
-    def text(self, messages: list[Message], *, add_generation_prompt: bool = False) -> str:
-        """The chat template's rendering of ``messages`` as a string."""
-        if not messages:
+    def text(self, messages: list[Message], *, add_generation_prompt: bool = False, tools: Tools = None) -> str:
+        """The chat template's rendering of ``messages`` as a string (a refusal raises ``RenderError``)."""
+        try:
+            return self._t(messages, tools, add_generation_prompt)
+        except _Refusal as e:
+            raise RenderError(f"chat template refused the conversation: {e.reason}") from None
+
+    def _t(self, messages: list[Message], tools: Tools, gen: bool = False, blame: int = -1) -> str:
+        if not messages and not gen:
             return ""
-        return self.tokenizer.apply_chat_template(
-            [m.to_openai() for m in messages], tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        try:
+            return self.tokenizer.apply_chat_template(
+                [m.to_openai() for m in messages], tools=tools, tokenize=False, add_generation_prompt=gen
+            )
+        except Exception as e:  # jinja's TemplateError (raise_exception), or its TypeError/KeyError on a field
+            reason = " ".join(f"{type(e).__name__}: {e}".split())
+            raise _Refusal(blame if blame >= 0 else max(len(messages) - 1, 0), reason) from None
 
     def encode(self, text: str) -> list[int]:
         """Plain tokenization (special tokens in the text are recognised, none are added)."""
@@ -134,121 +193,165 @@ class Renderer:
         starts = np.asarray([s for s, _ in enc["offset_mapping"]], dtype=np.int64).reshape(-1)
         return ids, starts
 
+    def _first_stop(self, text: str) -> int:
+        """End of the first stop token in ``text``, or -1."""
+        hits = [(k, len(t)) for t in self.stop_texts if (k := text.find(t)) >= 0]
+        return min(hits)[0] + min(hits)[1] if hits else -1
+
+    def _leading_stop(self, text: str) -> str:
+        return next((t for t in self.stop_texts if text.startswith(t)), "")
+
+    # -- pieces ----------------------------------------------------------------------------------------
+    def _turn(self, ctx: list[Message], m: Message, tools: Tools, index: int) -> _Turn:
+        """Assistant ``m`` rendered as the last message after ``ctx`` (which ends with a non-assistant)."""
+        base, prompt = self._t(ctx, tools, blame=index), self._t(ctx, tools, True, blame=index)
+        full = self._t([*ctx, m], tools, blame=index)
+        if not (prompt.startswith(base) and full.startswith(prompt)):
+            raise _Refusal(index, "the template's generation prompt does not extend the rendered history")
+        out = full[len(prompt) :]
+        k = self._first_stop(out)
+        if k < 0:
+            return _Turn(prompt[len(base) :], out, "", False)
+        return _Turn(prompt[len(base) :], out[:k], out[k:], True)
+
+    def _after(self, block: list[Message], index: int) -> str:
+        """Text the template writes for non-assistant ``block`` right after an assistant turn (after that
+        turn's stop token and suffix; a GLM-style opening stop token is kept)."""
+        raw = self._t([Message("user", "Q"), Message("assistant", ANCHOR), *block], None, blame=index)
+        k = raw.rfind(ANCHOR) + len(ANCHOR)
+        if not raw.startswith(self._anchor_tail, k):
+            raise _Refusal(index, "the template ends an assistant turn differently when messages follow it")
+        return raw[k + len(self._anchor_tail) :]
+
+    def _bounds(self, texts: list[str], full: str, start: int) -> list[int]:
+        """End characters of each message from renderings of growing prefixes (the last ends at ``full``)."""
+        out = [start + max(0, _lcp(t, full)) for t in texts]
+        return [*(max(a, b) for a, b in zip(out, [start, *out], strict=False)), start + len(full)]
+
+    def _prompt_layout(self, init: list[Message], tools: Tools) -> tuple[str, list[int]]:
+        full = self._t(init, tools)
+        texts = []
+        for k in range(1, len(init)):
+            try:
+                texts.append(self._t(init[:k], tools))
+            except _Refusal:  # e.g. Llama-3.1 puts tools in the first user message: not yet there
+                try:
+                    texts.append(self._t(init[:k], None))
+                except _Refusal:
+                    texts.append("")
+        return full, self._bounds(texts, full, 0)
+
+    def _block_layout(self, block: list[Message], index: int, strip_stop: bool) -> tuple[str, str, list[int]]:
+        """-> (leading stop token moved to the previous turn, the block's text, message end characters)."""
+        full = self._after(block, index)
+        stop = self._leading_stop(full) if strip_stop else ""
+        texts = [self._after(block[:k], index)[len(stop) :] for k in range(1, len(block))]
+        return stop, full[len(stop) :], self._bounds(texts, full[len(stop) :], 0)
+
     # -- whole trajectories ---------------------------------------------------------------------
-    def render(self, traj: Trajectory | list[Message], traj_id: str | None = None) -> RenderedTrajectory:
-        """Render a whole conversation; see the module docstring for the contract."""
+    def render(
+        self, traj: Trajectory | list[Message], traj_id: str | None = None, tools: Tools = None
+    ) -> RenderedTrajectory:
+        """Render a whole conversation to the canonical stream (module docstring). ``RenderError`` on refusal."""
         messages = traj.messages if isinstance(traj, Trajectory) else traj
         tid = traj.id if isinstance(traj, Trajectory) else (traj_id or "")
-        full = self.text(messages)
-        layout = self._local_layout(messages, full) or self._exact_layout(messages, full)
-        bounds, gen_starts = layout
-        ids, starts = self._encode_offsets(full)
-        spans = self._token_spans(starts, bounds, len(ids))
-        mask = self._assistant_mask(ids, starts, spans, gen_starts)
+        tools = traj.tools if isinstance(traj, Trajectory) and tools is None else tools
+        try:
+            text, bounds, gens = self._layout(messages, tools)
+        except _Refusal as e:
+            where = f"{traj.source}: " if isinstance(traj, Trajectory) and traj.source else ""
+            role = messages[e.index].role if e.index < len(messages) else "?"
+            raise RenderError(
+                f"{where}trajectory {tid!r}: message {e.index} ({role}): chat template refused: {e.reason}"
+            ) from None
+        ids, starts = self._encode_offsets(text)
+        cuts = np.searchsorted(starts, np.asarray(bounds[:-1], dtype=np.int64), side="left")
+        edges = np.concatenate([[0], cuts, [len(ids)]])
+        mask = np.zeros(len(ids), dtype=np.uint8)
+        for a, b in gens:
+            mask[np.searchsorted(starts, a, side="left") : np.searchsorted(starts, b, side="left")] = 1
         return RenderedTrajectory(
             id=tid,
             input_ids=ids,
             assistant_mask=mask,
-            spans=spans,
+            spans=np.stack([edges[:-1], edges[1:]], axis=1),
             roles=[m.role for m in messages],
             pinned=[m.pinned for m in messages],
         )
 
-    def _exact_layout(self, messages: list[Message], full: str) -> tuple[list[int], list[int | None]]:
-        """Message end characters and generation starts from prefix renderings: O(n^2), always right."""
-        bounds, gens, start = [], [], 0
-        for i, m in enumerate(messages):
-            end = len(full) if i == len(messages) - 1 else max(start, _lcp(self.text(messages[: i + 1]), full))
-            gen = _lcp(self._prompt_text(messages[:i]), full) if m.role == "assistant" else None
-            gens.append(None if gen is None else min(max(gen, start), end))
-            bounds.append(end)
-            start = end
-        return bounds, gens
-
-    def _local_layout(
-        self, messages: list[Message], full: str, context: int = _LOCAL_CONTEXT
-    ) -> tuple[list[int], list[int | None]] | None:
-        """The same layout from renderings of each message among its first and ``context`` previous
-        messages: O(n). Returns None (caller falls back to the exact layout) unless the local pieces
-        concatenate exactly to ``full``."""
-        pieces, gens, pos = [], [], 0
-        for i, m in enumerate(messages):
-            ctx = messages[:i] if i <= context + 1 else [messages[0], *messages[i - context : i]]
-            local = self.text([*ctx, m, *messages[i + 1 : i + 2]])
-            s = _lcp(self.text(ctx), local) if ctx else 0
-            e = len(local) if i == len(messages) - 1 else max(s, _lcp(self.text([*ctx, m]), local))
-            if m.role == "assistant":
-                gens.append(pos + min(max(_lcp(self._prompt_text(ctx), local), s), e) - s)
-            else:
-                gens.append(None)
-            pieces.append(local[s:e])
-            pos += e - s
-        if "".join(pieces) != full:
-            return None
-        return list(itertools.accumulate(len(p) for p in pieces)), gens
-
-    def _prompt_text(self, history: list[Message]) -> str:
-        """Rendering of ``history`` followed by the generation prompt."""
-        if history:
-            return self.text(history, add_generation_prompt=True)
-        try:  # some templates cannot render an empty conversation
-            return self.tokenizer.apply_chat_template([], tokenize=False, add_generation_prompt=True)
-        except Exception:
-            return ""
-
-    @staticmethod
-    def _token_spans(starts: np.ndarray, ends: list[int], n: int) -> np.ndarray:
-        """Token spans from message end characters: a token goes where its first character lies."""
-        ends = np.asarray(ends[:-1], dtype=np.int64)
-        cuts = np.searchsorted(starts, ends, side="left")
-        edges = np.concatenate([[0], cuts, [n]])
-        return np.stack([edges[:-1], edges[1:]], axis=1)
-
-    def _assistant_mask(
-        self, ids: np.ndarray, starts: np.ndarray, spans: np.ndarray, gen_starts: list[int | None]
-    ) -> np.ndarray:
-        mask = np.zeros(len(ids), dtype=np.uint8)
-        for (s, e), g in zip(spans, gen_starts, strict=True):
-            if g is None or s == e:
-                continue
-            first = s + int(np.searchsorted(starts[s:e], g, side="left"))
-            eot = np.nonzero(ids[first:e] == self.eot_id)[0]
-            last = first + int(eot[-1]) + 1 if len(eot) else e
-            mask[first:last] = 1
-        return mask
+    def _layout(self, msgs: list[Message], tools: Tools) -> tuple[str, list[int], list[tuple[int, int]]]:
+        """-> (canonical text, end character of each message, generated character ranges)."""
+        first = next((i for i, m in enumerate(msgs) if m.role == "assistant"), len(msgs))
+        if first == 0 and msgs:
+            raise _Refusal(0, "an assistant turn needs a prompt (system/user message) before it")
+        init = msgs[:first]
+        text, bounds = self._prompt_layout(init, tools) if init else ("", [])
+        parts, gens, i, block = [text], [], first, init
+        while i < len(msgs):
+            turn = self._turn(init if block is init else init + block, msgs[i], tools, i)
+            j = next((k for k in range(i + 1, len(msgs)) if msgs[k].role == "assistant"), len(msgs))
+            block = msgs[i + 1 : j]
+            stop, btext, bb = self._block_layout(block, i + 1, not turn.has_stop) if block else ("", "", [])
+            stop = stop or ("" if turn.has_stop else self.eot_text)
+            pos = sum(map(len, parts)) + len(turn.header)
+            gens.append((pos, pos + len(turn.body) + len(stop)))
+            parts += [turn.header, turn.body, stop, turn.suffix]
+            bounds.append(sum(map(len, parts)))
+            bounds += [bounds[-1] + b for b in bb]
+            parts.append(btext)
+            i = j
+        return "".join(parts), bounds, gens
 
     # -- incremental (agent loop) -------------------------------------------------------------------
-    def render_new(self, history: list[Message], new: list[Message]) -> list[np.ndarray]:
-        """Token ids of each message in ``new`` as it renders after ``history`` (non-assistant messages).
+    @staticmethod
+    def _split_history(history: list[Message]) -> tuple[list[Message], list[Message], bool]:
+        """-> (prompt messages, observations after the last assistant turn, any assistant turn yet)."""
+        first = next((i for i, m in enumerate(history) if m.role == "assistant"), len(history))
+        last = max((i for i, m in enumerate(history) if m.role == "assistant"), default=-1)
+        return history[:first], history[last + 1 :], last >= 0
 
-        ``history`` must render to a stable prefix of ``history + new`` (true after an assistant turn
-        with the templates we target); a ValueError says so otherwise.
-        """
-        base = self.text(history)
-        full = self.text(history + new)
-        if not full.startswith(base):
-            raise ValueError("chat template re-renders history when messages are appended; cannot render incrementally")
-        bounds, _ = self._local_layout(history + new, full) or self._exact_layout(history + new, full)
-        ids, starts = self._encode_offsets(full[len(base) :])
-        spans = self._token_spans(starts, [b - len(base) for b in bounds[len(history) :]], len(ids))
-        return [ids[s:e] for s, e in spans]
+    def render_new(self, history: list[Message], new: list[Message], tools: Tools = None) -> list[np.ndarray]:
+        """Token ids of each (non-assistant) message in ``new`` as the canonical stream places them after
+        ``history`` (which ends with an assistant turn whose stop token is already in the stream)."""
+        init, block, any_turn = self._split_history(history)
+        if not any_turn:
+            rt = self.render([*history, *new], tools=tools)
+            return [rt.message_ids(k) for k in range(len(history), len(history) + len(new))]
+        try:
+            _, text, bounds = self._block_layout([*block, *new], len(history), not self.writes_stop)
+        except _Refusal as e:
+            raise RenderError(f"message {e.index}: chat template refused: {e.reason}") from None
+        ids, starts = self._encode_offsets(text)
+        ends = np.searchsorted(starts, np.asarray(bounds, dtype=np.int64), side="left")
+        edges = [0, *ends.tolist()]
+        return [ids[edges[k] : edges[k + 1]] for k in range(len(block), len(block) + len(new))]
 
-    def generation_prompt(self, history: list[Message]) -> np.ndarray:
+    def assistant_pieces(self, history: list[Message], msg: Message, tools: Tools = None) -> tuple[str, str, str]:
+        """(header, generated text, suffix) of assistant ``msg`` after ``history``; the generated text ends
+        with its stop token only when the template writes one (not GLM-4.5)."""
+        init, block, any_turn = self._split_history(history)
+        try:
+            turn = self._turn(init + block if any_turn else init, msg, tools, len(history))
+        except _Refusal as e:
+            raise RenderError(f"message {e.index}: chat template refused: {e.reason}") from None
+        return turn.header, turn.body, turn.suffix
+
+    def generation_prompt(self, history: list[Message], tools: Tools = None) -> np.ndarray:
         """The header tokens the template writes before the model's next assistant turn."""
-        base = self.text(history)
-        prompt = self._prompt_text(history)
+        init, block, any_turn = self._split_history(history)
+        ctx = init + block if any_turn else init
+        try:
+            base, prompt = self._t(ctx, tools), self._t(ctx, tools, True)
+        except _Refusal as e:
+            raise RenderError(f"chat template refused the conversation: {e.reason}") from None
         if not prompt.startswith(base):
             raise ValueError("chat template's generation prompt does not extend the rendered history")
         return np.asarray(self.encode(prompt[len(base) :]), dtype=np.int32)
 
     def assistant_suffix(self) -> np.ndarray:
         """Tokens the template writes after an assistant's end-of-turn token (e.g. ChatML's newline)."""
-        probe = [Message("system", "s"), Message("user", "u"), Message("assistant", "a")]
-        rt = self.render(probe)
-        ids = rt.message_ids(2)
-        eot = np.nonzero(ids == self.eot_id)[0]
-        return ids[int(eot[-1]) + 1 :] if len(eot) else ids[:0]
+        return np.asarray(self.encode(self._suffix_text), dtype=np.int32)
 
     def marker_ids(self, text: str) -> np.ndarray:
-        """``text`` rendered as a user message (used for the truncated-history marker)."""
-        return self.render_new([Message("system", "s")], [Message("user", text)])[0]
+        """``text`` rendered as a user message after an assistant turn (the truncated-history marker)."""
+        return np.asarray(self.encode(self._after([Message("user", text)], 0)), dtype=np.int32)

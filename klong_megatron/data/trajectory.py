@@ -1,10 +1,12 @@
 """Agent trajectories: schema and streaming JSONL IO.
 
-One JSON object per line: ``{"id": str, "messages": [...], "meta": {...}}``. Messages follow the OpenAI
+One JSON object per line: ``{"id": str, "messages": [...], "tools": [...], "meta": {...}}``. Messages follow the OpenAI
 chat format (``role`` in system/user/assistant/tool, ``content`` as a string or a list of text parts,
 assistant ``tool_calls`` with ``function.name`` / ``function.arguments``, tool ``tool_call_id``), plus
 two optional fields: ``pinned: true`` on the messages that form the pinned prefix, and reasoning text
-(``reasoning_content`` or ``reasoning``) on assistant messages.
+(``reasoning_content`` or ``reasoning``) on assistant messages. ``tools`` (optional) lists the OpenAI function
+schemas the agent had (``{"type": "function", "function": {"name", "description", "parameters"}}``); rendering
+passes them to the chat template, which puts them in the system or first user turn (the pinned prefix).
 
 Reading streams line by line (files larger than memory are fine). A malformed line raises
 ``TrajectoryError`` naming the file, line and field; with ``skip_invalid`` it is counted and skipped.
@@ -90,9 +92,38 @@ class Trajectory:
     id: str
     messages: list[Message]
     meta: dict[str, Any] = field(default_factory=dict)
+    tools: list[dict[str, Any]] | None = None
+    """OpenAI function schemas given to the chat template (None: no tools)."""
+    source: str | None = field(default=None, compare=False)
+    """``file:line`` the trajectory was read from (error messages); not serialised."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "messages": [m.to_json() for m in self.messages], "meta": self.meta}
+        out: dict[str, Any] = {"id": self.id, "messages": [m.to_json() for m in self.messages]}
+        if self.tools is not None:
+            out["tools"] = self.tools
+        out["meta"] = self.meta
+        return out
+
+
+def parse_tools(obj: Any, where: str) -> list[dict[str, Any]]:
+    """Validate an OpenAI ``tools`` list (function schemas); ``where`` prefixes error messages."""
+    if not isinstance(obj, list):
+        raise TrajectoryError(f"{where}: field 'tools': expected a list of function schemas")
+    for k, tool in enumerate(obj):
+        at = f"{where}: field 'tools[{k}]"
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+            raise TrajectoryError(f"{at}': expected an object with type 'function', got {tool!r:.80}")
+        fn = tool.get("function")
+        if not isinstance(fn, dict):
+            raise TrajectoryError(f"{at}.function': missing or not an object")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise TrajectoryError(f"{at}.function.name': missing or not a non-empty string")
+        if not isinstance(fn.get("description", ""), str):
+            raise TrajectoryError(f"{at}.function.description': expected a string")
+        params = fn.get("parameters", {})
+        if not isinstance(params, dict) or params and params.get("type") != "object":
+            raise TrajectoryError(f"{at}.function.parameters': expected a JSON schema object with type 'object'")
+    return obj
 
 
 def _text(value: Any, where: str) -> str:
@@ -177,7 +208,8 @@ def parse_trajectory(obj: Any, where: str) -> Trajectory:
     if not isinstance(meta, dict):
         raise TrajectoryError(f"{where}: field 'meta': expected an object")
     messages = [parse_message(m, f"{where}: field 'messages[{k}]'") for k, m in enumerate(msgs)]
-    return Trajectory(id=str(tid), messages=messages, meta=meta)
+    tools = parse_tools(obj["tools"], where) if obj.get("tools") is not None else None
+    return Trajectory(id=str(tid), messages=messages, meta=meta, tools=tools, source=where)
 
 
 @dataclass

@@ -2,13 +2,15 @@
 
 Dataflow per turn::
 
+    task messages + Tools.schemas() -> chat template (tools in the system / first user turn, pinned)
     ContextState.context()  (the SFT splitter's ContextPolicy: pinned prefix, truncation, overlap)
-      + generation prompt   -> Engine.generate (token ids in/out, log-probs)
+      + generation prompt   -> Engine.generate (token ids in/out, log-probs, stops on the template's stop tokens)
       -> decode -> parse tool calls (hermes | glm45) -> Tools.call in a worker thread
       -> tool / error observations -> rendered once (chat template) -> ContextState.add
 
 Every message's tokens are kept exactly as the model saw (assistant: header + engine output ids
-+ end-of-turn suffix) and recorded in ``meta.message_ids`` with the per-turn ``steps`` (output ids,
++ end-of-turn suffix; the renderer's canonical stream, so that re-rendering the finished trajectory
+gives the same tokens) and recorded in ``meta.message_ids`` with the per-turn ``steps`` (output ids,
 log-probs, finish reason, weight version, server, generation and tool timings), so
 ``rendered_from_record`` rebuilds the very token stream the splitter turns into training windows:
 the contexts of a rollout are exactly its windows' prefixes (tested).
@@ -17,8 +19,8 @@ The assistant message is stored structured (content, reasoning, tool_calls) when
 template renders that back to the same text, otherwise as the raw text (nothing is lost).
 
 Limits: ``policy.gen_reserve`` must hold a whole turn (header + max_new_tokens + suffix) so that
-inference and the splitter cut windows at the same places (checked). Messages after the first are
-rendered against a short history (first message + last turn), exact for ChatML-style templates.
+inference and the splitter cut windows at the same places (checked). Observations are rendered after
+a stand-in turn (``Renderer.render_new``), never by re-rendering history.
 A turn cut off by the timeout is dropped; a turn cut by ``max_new_tokens`` gets the end-of-turn
 token appended (``steps[i].appended_eot``; it has no behaviour log-prob).
 """
@@ -50,7 +52,9 @@ CONTINUE_TEXT = "No tool call was found in your last message. Continue working: 
 class Tools(Protocol):
     """The agent's tools (klong_megatron/sandbox/tools.py). ``call`` returns the observation text,
     or an object with ``text`` (or ``content``) and ``done`` (True after a successful submit).
-    Bad arguments give an observation; an exception means the sandbox itself failed."""
+    Bad arguments give an observation; an exception means the sandbox itself failed. A ``schemas()``
+    method (``ToolSet.schemas()``: OpenAI function schemas), when present, is given to the chat template
+    and stored in the trajectory's ``tools``."""
 
     def call(self, name: str, arguments: str) -> Any: ...
 
@@ -76,6 +80,7 @@ class _Run:
     messages: list[Message]
     ids: list[np.ndarray]
     masks: list[np.ndarray]
+    schemas: list[dict[str, Any]] | None = None
     steps: list[dict[str, Any]] = field(default_factory=list)
     offset: int = 0
     gen_s: float = 0.0
@@ -95,15 +100,12 @@ class AgentLoop:
             max_new_tokens=cfg.sampling.max_new_tokens,
             temperature=cfg.sampling.temperature,
             top_p=cfg.sampling.top_p,
-            stop_token_ids=(self.eot,),
+            stop_token_ids=tuple(renderer.stop_ids),
         )
-        self._header_cache: dict[str, np.ndarray] = {}
+        self.stops = np.asarray(renderer.stop_ids, dtype=np.int32)
 
-    def _header(self, first: Message) -> np.ndarray:
-        key = first.role + "\0" + first.content
-        if key not in self._header_cache:
-            self._header_cache[key] = self.renderer.generation_prompt([first]).astype(np.int32)
-        header = self._header_cache[key]
+    def _header(self, run: _Run) -> np.ndarray:
+        header = self.renderer.generation_prompt(run.messages, run.schemas).astype(np.int32)
         need = len(header) + self.sampling.max_new_tokens + 1 + len(self.suffix)
         if self.policy.cfg.gen_reserve < need:
             raise ValueError(
@@ -117,17 +119,19 @@ class AgentLoop:
         """One rollout of ``task``; never raises for model misbehaviour, only for infrastructure."""
         start = time.monotonic()
         deadline = start + self.cfg.timeout_s
-        rendered = self.renderer.render(task.messages, task.id)
-        run = _Run(task, tools, list(task.messages), [], [])
+        schemas = tools.schemas() if callable(getattr(tools, "schemas", None)) else None
+        rendered = self.renderer.render(task.messages, task.id, tools=schemas)
+        run = _Run(task, tools, list(task.messages), [], [], schemas)
         state = self.policy.start(task.id)
         for i, m in enumerate(task.messages):
             self._add(run, state, rendered.message_ids(i), _slice(rendered, i), m)
-        header = self._header(task.messages[0])
+        self._header(run)  # checks gen_reserve before the first request
         reason = "max_turns"
         for _ in range(self.cfg.max_turns):
             if time.monotonic() >= deadline:
                 reason = "timed_out"
                 break
+            header = self._header(run)
             context = np.concatenate([state.context(), header])
             t0 = time.monotonic()
             try:
@@ -170,7 +174,7 @@ class AgentLoop:
         self, run: _Run, state: Any, header: np.ndarray, gen: Any, timing: tuple[float, float], context_len: int
     ) -> ParsedTurn:
         out = np.asarray(gen.output_ids, dtype=np.int32)
-        appended = not (len(out) and out[-1] == self.eot)
+        appended = not (len(out) and np.isin(out[-1], self.stops))
         body = np.concatenate([out, [self.eot]]).astype(np.int32) if appended else out
         ids = np.concatenate([header, body, self.suffix]).astype(np.int32)
         mask = np.concatenate([np.zeros(len(header)), np.ones(len(body)), np.zeros(len(self.suffix))])
@@ -179,7 +183,7 @@ class AgentLoop:
         calls = tuple(ToolCall(c.name, c.arguments, f"call_{len(run.steps)}_{k}") for k, c in enumerate(parsed.calls))
         parsed = ParsedTurn(parsed.content, parsed.reasoning, calls, parsed.errors)
         msg = Message("assistant", parsed.content, tool_calls=calls, reasoning=parsed.reasoning)
-        structured = self._renders_back(run, msg, ids)
+        structured = self._renders_back(run, msg, header, body)
         if not structured:
             msg = Message("assistant", text)
         self._add(run, state, ids, mask.astype(np.uint8), msg)
@@ -206,12 +210,14 @@ class AgentLoop:
         )
         return parsed
 
-    def _renders_back(self, run: _Run, msg: Message, ids: np.ndarray) -> bool:
-        """Whether the chat template renders ``msg`` (after the history) to exactly ``ids``."""
-        tail = _tail(run.messages)
-        base = self.renderer.text(tail)
-        full = self.renderer.text(tail + [msg])
-        return full.startswith(base) and self.renderer.encode(full[len(base) :]) == ids.tolist()
+    def _renders_back(self, run: _Run, msg: Message, header: np.ndarray, body: np.ndarray) -> bool:
+        """Whether the chat template renders ``msg`` (after the history) to exactly these tokens."""
+        try:
+            head, gen, _ = self.renderer.assistant_pieces(run.messages, msg, run.schemas)
+        except ValueError:  # the template refuses the parsed form (e.g. Llama-3.1 and two tool calls)
+            return False
+        want = body.tolist() if self.renderer.writes_stop else body[:-1].tolist()
+        return self.renderer.encode(head) == header.tolist() and self.renderer.encode(gen) == want
 
     async def _tools(self, run: _Run, state: Any, parsed: ParsedTurn, deadline: float) -> tuple[bool, bool]:
         """Execute the calls; append observations. Returns (submitted, timed_out)."""
@@ -247,8 +253,7 @@ class AgentLoop:
             return f"Error: {type(e).__name__}: {e}"
 
     def _append_rendered(self, run: _Run, state: Any, new: list[Message]) -> None:
-        tail = _tail(run.messages)
-        pieces = self.renderer.render_new(tail, new)
+        pieces = self.renderer.render_new(run.messages, new, run.schemas)
         for msg, ids in zip(new, pieces, strict=True):
             self._add(run, state, ids, np.zeros(len(ids), np.uint8), msg)
 
@@ -273,7 +278,7 @@ class AgentLoop:
             message_ids=[a.tolist() for a in run.ids],
             initial_masks=[m.tolist() for m in run.masks[: len(run.task.messages)]],
         )
-        return Trajectory(run.task.id, run.messages, meta)
+        return Trajectory(run.task.id, run.messages, meta, tools=run.schemas)
 
 
 def rendered_from_record(traj: Trajectory) -> RenderedTrajectory:
@@ -304,11 +309,6 @@ def rendered_from_record(traj: Trajectory) -> RenderedTrajectory:
         roles=[m.role for m in traj.messages],
         pinned=[m.pinned for m in traj.messages],
     )
-
-
-def _tail(messages: list[Message]) -> list[Message]:
-    """First message + last message: the short history new messages are rendered against."""
-    return messages[:1] + messages[max(1, len(messages) - 1) :]
 
 
 def _slice(rt: RenderedTrajectory, i: int) -> np.ndarray:

@@ -122,13 +122,6 @@ def test_render_new_gives_each_grouped_tool_message_its_own_slice(qwen: Renderer
     assert "<|im_end|>" in qwen.tokenizer.decode(parts[1])
 
 
-def test_local_layout_agrees_with_exact_layout(qwen: Renderer, byte: Renderer) -> None:
-    for r in (qwen, byte):
-        msgs = conversation(turns=9)
-        full = r.text(msgs)
-        assert r._local_layout(msgs, full) == r._exact_layout(msgs, full)
-
-
 def test_unknown_tokenizer_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="neither 'byte' / 'demo_bpe' nor a local tokenizer directory"):
         load_tokenizer(str(tmp_path / "nope"))

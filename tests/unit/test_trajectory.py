@@ -24,6 +24,16 @@ GOOD = {
         },
         {"role": "tool", "content": "a\nb", "tool_call_id": "c1"},
     ],
+    "tools": [
+        {
+            "type": "function",
+            "function": {
+                "name": "bash",
+                "description": "Run a command.",
+                "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]},
+            },
+        }
+    ],
     "meta": {"k": 1},
 }
 
@@ -42,6 +52,7 @@ def test_valid_trajectory_round_trips(tmp_path: Path) -> None:
     assert t.messages[1].content == "do it" and t.messages[0].pinned and not t.messages[2].pinned
     assert t.messages[2].reasoning == "think" and t.messages[2].tool_calls[0].name == "bash"
     assert t.messages[2].to_openai()["tool_calls"][0]["function"]["arguments"] == {"cmd": "ls"}
+    assert t.tools == GOOD["tools"] and t.source == f"{p}:1" and trajs[1].source == f"{p}:3"
     out = tmp_path / "o.jsonl"
     write_jsonl(out, [x.to_json() for x in trajs])
     again = list(read_trajectories(out))
@@ -62,6 +73,10 @@ def test_valid_trajectory_round_trips(tmp_path: Path) -> None:
         (lambda d: d["messages"][0].update(pinned="yes"), "messages[0]'.pinned"),
         (lambda d: d["messages"][1].update(content=[{"type": "image"}]), "messages[1]'.content[0]"),
         (lambda d: d.update(meta=[]), "'meta'"),
+        (lambda d: d.update(tools={"bash": {}}), "'tools'"),
+        (lambda d: d["tools"][0]["function"].pop("name"), "'tools[0].function.name'"),
+        (lambda d: d["tools"][0].update(type="retrieval"), "'tools[0]'"),
+        (lambda d: d["tools"][0]["function"].update(parameters={"type": "string"}), "'tools[0].function.parameters'"),
     ],
 )
 def test_malformed_field_is_named_with_file_and_line(tmp_path: Path, mutate, field: str) -> None:
