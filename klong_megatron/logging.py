@@ -3,14 +3,18 @@
 Only global rank 0 logs. ``wandb`` is imported lazily, only for ``logger.backend=wandb``; its mode
 comes from ``logger.mode``, else the ``WANDB_MODE`` environment variable, else "online" (offline
 in tests and on machines without network). The run records the resolved config, the git commit of
-the code, and the Hydra-derived name/group. Limits: no W&B server is started; offline runs are
-synced later with ``wandb sync``.
+the code, and the Hydra-derived name/group. The run id is kept in ``<run_dir>/wandb_run_id``: a job
+preempted and resumed (or rerun) with the same output directory continues the same W&B run
+(``resume="allow"``), its steps continuing from the checkpoint's; each Hydra multirun job has its own
+output directory and so its own run. Limits: no W&B server is started; offline runs are synced later
+with ``wandb sync``.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,7 @@ from rich.console import Console
 
 from klong_megatron.config.logger import LoggerConfig
 
+RUN_ID_FILE = "wandb_run_id"
 _ORDER = ("loss", "eval_loss", "lr", "grad_norm", "tokens_per_s", "tflops", "mfu", "windows", "trained_tokens")
 
 
@@ -29,6 +34,17 @@ def git_commit(path: str | Path | None = None) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def run_id(run_dir: str | Path) -> str:
+    """The W&B run id kept in ``<run_dir>/wandb_run_id``; a new one is made and kept on first use."""
+    path = Path(run_dir) / RUN_ID_FILE
+    if path.is_file() and (kept := path.read_text().strip()):
+        return kept
+    new = uuid.uuid4().hex[:12]  # W&B run ids: lowercase letters and digits
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(new + "\n")
+    return new
 
 
 def _fmt(key: str, value: float) -> str:
@@ -66,6 +82,8 @@ class MetricsLogger:
         wandb_dir = Path(cfg.dir or run_dir)
         wandb_dir.mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
+            id=cfg.id or run_id(run_dir),
+            resume="allow",
             project=cfg.project,
             entity=cfg.entity,
             mode=mode,

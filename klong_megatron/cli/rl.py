@@ -22,7 +22,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from klong_megatron.cli._errors import INPUT_ERRORS, check_hydra_overrides, one_line_errors
-from klong_megatron.cli.sft import _run_names
+from klong_megatron.cli.sft import _run_names, implementation
 from klong_megatron.config import CONFIG_DIR, register_configs
 from klong_megatron.config.rl import RLConfig
 
@@ -63,6 +63,7 @@ def run(cfg: RLConfig, output_dir: str | Path, run_name: str | None = None) -> d
     logger = MetricsLogger(cfg.logger, enabled=is_logging_rank(), run_dir=output_dir, config=asdict(cfg),
                            default_name=run_name or cfg.name, default_group=cfg.name)  # fmt: skip
     logger.info(plan)
+    logger.info(implementation(cfg.model))
     code = 1
     try:
         summary = RLTrainer(cfg, output_dir, logger).run()

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from klong_megatron.cli._errors import INPUT_ERRORS, check_hydra_overrides, one_line_errors
 from klong_megatron.config import CONFIG_DIR, register_configs
+from klong_megatron.config.model import ModelConfig
 from klong_megatron.config.sft import SFTConfig
 
 
@@ -76,6 +77,19 @@ def describe(cfg: SFTConfig, world_size: int) -> str:
     )
 
 
+def implementation(model: ModelConfig) -> str:
+    """The one console line saying which layer/optimizer implementations run and why."""
+    import importlib.util
+
+    import torch
+
+    from klong_megatron.console import implementation_line
+    from klong_megatron.megatron.model import HAVE_TE, resolve_impl
+
+    have_apex = importlib.util.find_spec("apex") is not None
+    return implementation_line(resolve_impl(model), HAVE_TE, have_apex, torch.cuda.is_available())
+
+
 def run(cfg: SFTConfig, output_dir: str | Path, run_name: str | None = None) -> dict:
     """Train (or, with ``dry_run``, validate) and return the trainer's summary."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -101,6 +115,7 @@ def run(cfg: SFTConfig, output_dir: str | Path, run_name: str | None = None) -> 
         default_group=cfg.name,
     )
     logger.info(plan)
+    logger.info(implementation(cfg.model))
     code = 1
     try:
         summary = trainer.run(logger)

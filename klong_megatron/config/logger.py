@@ -24,6 +24,9 @@ class LoggerConfig:
     group: str | None = None
     """Run group; None means the experiment name (sweeps share it)."""
     tags: list[str] = field(default_factory=list)
+    id: str | None = None
+    """W&B run id; None keeps the id in ``<output_dir>/wandb_run_id`` so a resumed or requeued job (same
+    output directory) continues the same run (``resume="allow"``) instead of starting a new one."""
 
     def __post_init__(self) -> None:
         if self.backend not in ("console", "wandb"):

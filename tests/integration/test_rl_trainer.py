@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from wandb_records import read_run
 
 pytestmark = pytest.mark.bwrap
 
@@ -56,9 +57,11 @@ def _state(out: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _signal_at(out: Path, iteration: int, sig: signal.Signals, timeout_s: float) -> tuple[subprocess.Popen, str]:
+def _signal_at(
+    out: Path, iteration: int, sig: signal.Signals, timeout_s: float, *overrides: str
+) -> tuple[subprocess.Popen, str]:
     """Start a run in ``out``, send ``sig`` to its process group once it reached ``iteration``; its output."""
-    proc = _start(out)
+    proc = _start(out, *overrides)
     deadline = time.monotonic() + 240
     while _state(out).get("iteration", 0) < iteration and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -76,7 +79,8 @@ def test_rl_run_is_killed_mid_stage_and_resumes_without_rejudging(tmp_path: Path
     assert len(judged_ids) == 4
 
     # SIGTERM (Slurm preemption, scancel) to the whole process group: clean stop, exit 143, nothing left running.
-    proc, second = _signal_at(out, 2, signal.SIGTERM, timeout_s=60)
+    wandb = ("logger=wandb", "logger.mode=offline")
+    proc, second = _signal_at(out, 2, signal.SIGTERM, 60, *wandb)
     assert proc.returncode == 128 + signal.SIGTERM, second[-4000:]
     assert "resumed: stage 0, iteration 1, policy version 1" in second and "stopped by SIGTERM" in second
     leftovers = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
@@ -85,7 +89,7 @@ def test_rl_run_is_killed_mid_stage_and_resumes_without_rejudging(tmp_path: Path
     assert stopped["iteration"] in (2, 3) and stopped["version"] == stopped["iteration"]
 
     # The last part pushes weights by broadcast (gloo here, NCCL on GPUs) instead of through disk.
-    proc = _start(out, "logger=wandb", "logger.mode=offline", "rl.weight_sync=distributed")
+    proc = _start(out, *wandb, "rl.weight_sync=distributed")
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, log[-6000:]
     assert f"resumed: stage 0, iteration {stopped['iteration']}, policy version {stopped['version']}" in log
@@ -108,7 +112,11 @@ def test_rl_run_is_killed_mid_stage_and_resumes_without_rejudging(tmp_path: Path
     evals = [json.loads(x) for x in (out / "rollouts" / "eval_stage0.jsonl").read_text().splitlines()]
     assert {s["weight_version"] for t in evals for s in t["meta"]["steps"]} == {"4"}
     assert (out / "checkpoints" / "latest").exists() and (out / "checkpoints_best" / "latest").exists()
-    run_dir = next((out / "wandb").glob("offline-run-*"))
+    # The stopped and the resumed part are one W&B run (same id), its steps continuing.
+    stopped_run, run_dir = sorted((out / "wandb").glob("offline-run-*"))
+    (id_a, steps_a), (id_b, steps_b) = read_run(stopped_run), read_run(run_dir)
+    assert id_a == id_b == (out / "wandb_run_id").read_text().strip()
+    assert steps_a and steps_b and min(steps_b) > max(steps_a), (steps_a, steps_b)
     deadline = time.monotonic() + 60  # the W&B service may still be flushing
     while b"rl/stage0/samples" not in b"".join(p.read_bytes() for p in run_dir.glob("*.wandb")):
         assert time.monotonic() < deadline, "no sample-trajectory table in the W&B run"

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import pytest
 from sft_driver import tiny_config
 from sft_tiny_data import tiny_data
+from wandb_records import read_run
 
-from klong_megatron.logging import MetricsLogger
+from klong_megatron.logging import MetricsLogger, run_id
 from klong_megatron.megatron.parallel import destroy_distributed
 from klong_megatron.sft.trainer import NonFiniteLossError, SFTTrainer
 
@@ -67,18 +67,24 @@ def test_tokenizer_larger_than_the_model_vocab_is_rejected(tmp_path: Path) -> No
         _train(tmp_path, ["model.vocab_size=32"])
 
 
-def test_wandb_offline_run_records_metrics_config_and_commit(tmp_path: Path) -> None:
-    cfg = tiny_config(["logger.backend=wandb", "logger.mode=offline"])
-    logger = MetricsLogger(cfg.logger, enabled=True, run_dir=tmp_path, config={"lr": 3e-3}, default_name="t")
-    _train(tmp_path, ["trainer.train_steps=3", "trainer.log_every=1"], logger=logger)
-    run_dir = logger.wandb_run_dir
-    logger.finish()
-    assert run_dir is not None and run_dir.name.startswith("offline-run-")
-    deadline = time.monotonic() + 60  # the W&B service process may still be flushing the run file
-    while True:
-        blob = b"".join(p.read_bytes() for p in run_dir.glob("*.wandb"))
-        if b"train/loss" in blob or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+def test_wandb_run_is_resumed_with_the_same_id_and_continuing_steps(tmp_path: Path) -> None:
+    """A stopped and resumed job (same output directory) writes to ONE W&B run; steps continue."""
+    runs = []
+    for extra in (["trainer.exit_after_steps=2"], []):
+        cfg = tiny_config(["logger.backend=wandb", "logger.mode=offline"])
+        logger = MetricsLogger(cfg.logger, enabled=True, run_dir=tmp_path, config={"lr": 3e-3}, default_name="t")
+        _train(tmp_path, ["trainer.train_steps=4", "trainer.log_every=1", *extra], logger=logger)
+        runs.append(logger.wandb_run_dir)
+        logger.finish()
+    first, second = (read_run(d, wait_for_step=s) for d, s in zip(runs, (2, 4), strict=True))
+    assert first[0] == second[0] == (tmp_path / "wandb_run_id").read_text().strip()
+    assert first[1] == [1, 2] and second[1] == [3, 4]
+    blob = b"".join(p.read_bytes() for p in runs[1].glob("*.wandb"))
     for key in (b"train/loss", b"train/tokens_per_s", b"train/grad_norm", b"git_commit"):
         assert key in blob, key
+
+
+def test_each_output_directory_has_its_own_wandb_run_id(tmp_path: Path) -> None:
+    """Hydra multirun jobs each have an output directory, so each job is its own W&B run."""
+    ids = [run_id(tmp_path / f"job{i}") for i in range(2)]
+    assert ids[0] != ids[1] and run_id(tmp_path / "job0") == ids[0]
