@@ -3,7 +3,8 @@
 Dataflow::
 
     Trajectory (+ its exported work dir W) -> monitor: scan_messages over tool calls and outputs with
-      the task's blacklist (PaperBench's monitor); any hit -> reward 0, flagged, nothing else runs
+      the task's blacklist (PaperBench's monitor; URLs the paper itself cites count only in tool calls);
+      any hit -> reward 0, flagged, nothing else runs
     -> W/submission -> reproduce() in a fresh sandbox -> W.executed (real reproduce.log + meta)
     -> judge.grade(W.executed, rubric, paper, addendum + judge addendum) -> JudgeResult
     -> reward = score over the valid leaves; invalid share > max_invalid_frac -> excluded
@@ -40,12 +41,21 @@ def invalid_fraction(result: Any) -> float:
     return len(result.invalid) / n if n else 0.0
 
 
-def monitor(traj: Trajectory, blacklist: Blacklist) -> list[dict[str, Any]]:
-    """Blacklisted resources mentioned in the rollout's tool calls or outputs (refused ones included)."""
+def monitor(traj: Trajectory, blacklist: Blacklist, task_text: str = "") -> list[dict[str, Any]]:
+    """Blacklisted resources in the rollout's tool calls (refused ones included) and tool outputs.
+
+    A URL that the task's own text (``task_text``: paper + addendum) mentions is reported only from
+    tool calls: reading the paper, which cites its official code, must not flag a rollout.
+    """
     if not blacklist:
         return []
+    cited = {u for u in blacklist.urls if Blacklist([u]).match(task_text)}
     found = scan_messages([m.to_json() for m in traj.messages], blacklist)
-    return [{"message": v.message_index, "tool": v.tool, "url": v.url, "excerpt": v.excerpt} for v in found]
+    return [
+        {"message": v.message_index, "tool": v.tool, "url": v.url, "excerpt": v.excerpt}
+        for v in found
+        if v.role == "assistant" or v.url not in cited
+    ]
 
 
 async def grade_paper_rollout(
@@ -60,7 +70,7 @@ async def grade_paper_rollout(
     """Monitor, reproduce and judge ``traj`` (its ``meta.workdir`` must be the exported work dir);
     fills the :data:`GRADE_KEYS` of ``traj.meta`` and returns ``traj``."""
     meta = traj.meta
-    violations = monitor(traj, Blacklist(task.blacklist))
+    violations = monitor(traj, Blacklist(task.blacklist), task.paper + task.addendum)
     meta.update(blacklist_flagged=bool(violations), blacklist_violations=violations, reproduce=None)
     if violations:
         meta.update(reward=0.0, reward_excluded=False, judge_invalid_frac=0.0, judge_invalid=[],

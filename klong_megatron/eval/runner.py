@@ -2,10 +2,10 @@
 
 Dataflow::
 
-    EvalConfig.tasks -> PaperTask folders (validated) -> staged read-only copies (out/staged/<task>)
+    EvalConfig.tasks -> PaperTask folders (validated) -> staged read-only copies
     -> jobs (task, sample k), ``concurrency`` at a time:
-         rollout (chat agent or token agent loop; sandbox with /paper bound, ToolSet with the task's
-         blacklist) -> out/rollouts.jsonl (append + fsync)
+         rollout (chat agent or token agent loop; sandbox with /paper bound from a staged copy in the
+         system temp dir, ToolSet with the task's blacklist) -> out/rollouts.jsonl (append + fsync)
          -> grade_paper_rollout (monitor, reproduce.sh in a fresh sandbox, judge) -> out/results.jsonl
     -> report (eval/report.py): table, report.json, report.html
 
@@ -20,6 +20,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,9 @@ from klong_megatron.data.trajectory import Trajectory, read_trajectories
 from klong_megatron.eval.grading import grade_paper_rollout
 from klong_megatron.rollout.manager import RolloutTask
 from klong_megatron.rollout.store import TrajectoryStore
-from klong_megatron.sandbox import make_sandbox
-from klong_megatron.sandbox.blacklist import Blacklist
-from klong_megatron.sandbox.tools import ToolSet
 from klong_megatron.tasks.paperbench import PaperTask, find_task_dirs, load_paper_task
-from klong_megatron.tasks.workspace import SUBMISSION, paper_messages, stage_task, task_sandbox_config
+from klong_megatron.tasks.rollout import paper_rollout
+from klong_megatron.tasks.workspace import paper_messages, staging_root
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +74,7 @@ class EvalRunner:
         self.results = TrajectoryStore(self.out / "results.jsonl")
         self.stats = EvalStats()
         self._closers: list[Any] = []
+        self.stage_root = Path()
 
     # ------------------------------------------------------------------ engines
     async def _build_agent(self) -> Any:
@@ -108,18 +108,9 @@ class EvalRunner:
                               reproduce_timeout_s=c.reproduce.timeout_s, gpus=c.reproduce.sandbox.gpus)  # fmt: skip
 
     async def _rollout(self, task: PaperTask, rtask: RolloutTask) -> Trajectory:
-        staged = stage_task(task, self.out / "staged" / task.task_id)
-        sb = make_sandbox(task_sandbox_config(self.cfg.sandbox, staged))
-        await asyncio.to_thread(sb.start)
-        try:
-            await asyncio.to_thread(sb.exec, f"mkdir -p {SUBMISSION}", timeout=30)
-            tools_cfg = dataclasses.replace(self.cfg.sandbox.tools, time_budget_s=self.cfg.time_limit_s)
-            tools = ToolSet(sb, tools_cfg, blacklist=Blacklist(task.blacklist))
-            traj = await self.agent.run(rtask, tools, workdir=sb)
-            traj.meta["blacklist_refused"] = [dataclasses.asdict(v) for v in tools.violations]
-            return traj
-        finally:
-            await asyncio.to_thread(sb.close)
+        tools = dataclasses.replace(self.cfg.sandbox.tools, time_budget_s=self.cfg.time_limit_s)
+        return await paper_rollout(self.agent, task, rtask, sandbox=self.cfg.sandbox, tools=tools,
+                                   stage_root=self.stage_root)  # fmt: skip
 
     async def _job(self, task: PaperTask, k: int, judge: Any, stored: dict[str, Trajectory]) -> None:
         rtask = RolloutTask(task.task_id, self._messages(task), k, {"task": task.task_id})
@@ -165,6 +156,7 @@ class EvalRunner:
         stored = {t.id: t for t in read_trajectories(self.rollouts.path)}
         start = time.perf_counter()
         judge, pool = build_judge(jcfg)
+        self.stage_root = staging_root()
         try:
             if self.agent is None:
                 self.agent = await self._build_agent()
@@ -181,6 +173,7 @@ class EvalRunner:
                 await close()
             if pool is not None:
                 await pool.aclose()
+            shutil.rmtree(self.stage_root, ignore_errors=True)
         self.stats.wall_s = time.perf_counter() - start
         wanted = {f"{t}/{k}" for t in self.tasks for k in range(c.samples)}
         return [t for t in read_trajectories(self.results.path) if t.id in wanted]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from klong_megatron.config.sandbox import SandboxConfig
@@ -111,8 +112,16 @@ def stage_task(task: PaperTask, dest: str | Path) -> Path:
         os.chmod(dirpath, 0o755)
         for f in filenames:
             os.chmod(os.path.join(dirpath, f), 0o644)
-    os.chmod(dest.parent, os.stat(dest.parent).st_mode | 0o055)  # bwrap's uid must traverse to dest
     return dest
+
+
+def staging_root(parent: str | Path | None = None) -> Path:
+    """A new world-traversable directory for staged tasks (under the system temp dir by default: an
+    output dir may be private, and bwrap's unprivileged uid must reach the bound paper). Remove it with
+    ``shutil.rmtree`` when the run ends."""
+    root = Path(tempfile.mkdtemp(prefix="klong-tasks-", dir=parent))
+    os.chmod(root, 0o755)
+    return root
 
 
 def task_sandbox_config(cfg: SandboxConfig, staged: str | Path) -> SandboxConfig:
