@@ -20,6 +20,8 @@ AdvantageMode = Literal["klong", "grpo", "dr_grpo", "rloo"]
 KLEstimator = Literal["k1", "k2", "k3"]
 ADVANTAGE_MODES: tuple[str, ...] = ("klong", "grpo", "dr_grpo", "rloo")
 KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
+LOSS_AGGREGATIONS: tuple[str, ...] = ("token", "rollout")
+"""How a rollout's tokens share the loss: each token weighs the same, or each rollout does (rl/windows.py)."""
 
 
 def _check_rollout_inputs(rewards: Tensor, group_index: Tensor, num_windows: Tensor | None = None) -> None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from hydra.core.config_store import ConfigStore
 
-from klong_megatron.algo.grpo import ADVANTAGE_MODES, KL_ESTIMATORS
+from klong_megatron.algo.grpo import ADVANTAGE_MODES, KL_ESTIMATORS, LOSS_AGGREGATIONS
 
 
 @dataclass
@@ -17,6 +17,9 @@ class GRPOConfig:
     """klong (reward minus mean over all windows of the task's rollouts), grpo, dr_grpo or rloo."""
     advantage_eps: float = 1e-6
     """Added to the group reward std in grpo mode."""
+    loss_agg: str = "token"
+    """token: every trained token of a step weighs the same (a long rollout weighs more); rollout: each
+    rollout weighs the same (its advantage scaled by mean tokens / its tokens, ``rl/windows.py``)."""
     filter_zero_variance: bool = True
     """Drop task groups whose rollouts all got the same reward (no learning signal)."""
     clip_low: float = 0.2
@@ -41,6 +44,8 @@ class GRPOConfig:
     def __post_init__(self) -> None:
         if self.advantage_mode not in ADVANTAGE_MODES:
             raise ValueError(f"advantage_mode must be one of {ADVANTAGE_MODES}, got {self.advantage_mode!r}")
+        if self.loss_agg not in LOSS_AGGREGATIONS:
+            raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {self.loss_agg!r}")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
         for name in ("advantage_eps", "clip_low", "clip_high", "kl_coef", "entropy_coef"):

@@ -19,6 +19,7 @@ from klong_megatron.config.grpo import GRPOConfig
 from klong_megatron.config.judge import JudgeConfig
 from klong_megatron.config.logger import LoggerConfig
 from klong_megatron.config.model import ModelConfig
+from klong_megatron.config.reproduce import ReproduceConfig
 from klong_megatron.config.rollout import RolloutConfig
 from klong_megatron.config.sandbox import SandboxConfig
 from klong_megatron.config.trainer import TrainerConfig
@@ -68,6 +69,9 @@ class TasksConfig:
     """source=demo: functions per generated paper."""
     demo_forms: int = 5
     """source=demo: formula templates drawn from (1 = only ``a * x + b`` ... 5 = all)."""
+    demo_skip_rate: float = 0.0
+    """source=demo: share of scripted-expert (SFT warm-up) trajectories that submit without writing and
+    running reproduce.sh (a step the rubric rewards): a mistake SFT imitates and RL can remove."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -78,6 +82,8 @@ class TasksConfig:
         for name in ("num_train", "num_eval", "demo_functions", "demo_forms"):
             if getattr(self, name) < 1:
                 raise ValueError(f"tasks.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.demo_skip_rate <= 1.0:
+            raise ValueError(f"tasks.demo_skip_rate must be in [0, 1], got {self.demo_skip_rate}")
         if self.demo_forms > NUM_FORMS:
             raise ValueError(f"tasks.demo_forms must be <= {NUM_FORMS} (the formula templates), got {self.demo_forms}")
 
@@ -100,6 +106,11 @@ class RLLoopConfig:
     """Rollouts per held-out task in an evaluation."""
     eval_temperature: float | None = None
     """Sampling temperature of evaluations; None means rollout.sampling.temperature."""
+    eval_initial: bool = True
+    """Score the policy before any training (label ``initial``); the demo skips it (its random model scores 0)."""
+    max_invalid_frac: float = 0.1
+    """A rollout whose judge could not grade more than this share of its rubric (invalid leaves) is left
+    out of the update and of evaluation means (counted in ``judge/excluded``), never scored as 0."""
     weight_sync: str = "disk"
     """disk: export HF weights and call /update_weights_from_disk (servers must see output_dir);
     distributed: broadcast from trainer rank 0 to the servers (NCCL on GPUs, gloo on CPU)."""
@@ -120,6 +131,8 @@ class RLLoopConfig:
         for name in ("max_staleness", "eval_every", "sft_expert_trajectories"):
             if getattr(self, name) < 0:
                 raise ValueError(f"rl.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.max_invalid_frac <= 1.0:
+            raise ValueError(f"rl.max_invalid_frac must be in [0, 1], got {self.max_invalid_frac}")
         if self.oversample < 1.0:
             raise ValueError(f"rl.oversample must be >= 1, got {self.oversample}")
         if self.weight_sync not in WEIGHT_SYNC:
@@ -137,6 +150,8 @@ class RLConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
+    reproduce: ReproduceConfig = field(default_factory=ReproduceConfig)
+    """tasks.source=dir: the reproduction step before the judge (reproduce.sh in a fresh sandbox)."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)

@@ -172,12 +172,18 @@ class _Script:
         self.messages.append(Message("tool", observation, tool_call_id=call_id, name=tool))
 
 
-def expert_trajectory(task: DemoTask, seed: int, slip_rate: float = 0.25) -> Trajectory:
-    """A successful solution of ``task`` as a trajectory of tool calls.
+def expert_trajectory(task: DemoTask, seed: int, slip_rate: float = 0.25, skip_rate: float = 0.0) -> Trajectory:
+    """A solution of ``task`` as a trajectory of tool calls.
 
     Tool names, argument names and observation texts are those of ``klong_megatron.sandbox.tools``
     (work dir ``/home``), so a policy that imitates the expert runs unchanged in a real sandbox.
+    With probability ``skip_rate`` the expert submits right after checking its functions, skipping
+    ``run.py``, ``reproduce.sh`` and ``results.json``: a mistake the rubric's Execution and Result
+    Analysis leaves punish, which SFT imitates and RL can remove (``meta.skipped_reproduction``).
     """
+    if not 0.0 <= skip_rate <= 1.0:
+        raise ValueError(f"skip_rate must be in [0, 1], got {skip_rate}")
+    skip = random.Random(f"skip:{seed}").random() < skip_rate  # own stream: skip_rate=0 keeps the old data
     rng = random.Random(seed)
     s = _Script(rng)
     paper_lines = task.paper.splitlines()
@@ -220,6 +226,22 @@ def expert_trajectory(task: DemoTask, seed: int, slip_rate: float = 0.25) -> Tra
                 f"Edited {path} at line 2: replaced {len(old)} chars by {len(f.formula)}.",
             )
             s.turn(f"Re-checking {f.name}({x}).", "bash", {"command": check}, f"{f.fn(x)}\n[exit code 0]")
+    if not skip:
+        _reproduce(task, s, write)
+    s.turn(
+        "All transforms match the paper; submitting.",
+        "submit",
+        {"summary": "Implemented all transforms."},
+        "Submitted. Your work directory will now be graded.",
+    )
+    meta = {"source": "scripted-expert", "turns": s.calls, "num_functions": len(task.functions)}
+    if skip:
+        meta["skipped_reproduction"] = True
+    return Trajectory(task.task_id, [*task.prompt(), *s.messages], meta)
+
+
+def _reproduce(task: DemoTask, s: _Script, write: Any) -> None:
+    """The expert's last steps before submitting: run.py, reproduce.sh, and running them."""
     run_py = (
         "import json\n"
         + "".join(f"from {f.name} import {f.name}\n" for f in task.functions)
@@ -236,17 +258,6 @@ def expert_trajectory(task: DemoTask, seed: int, slip_rate: float = 0.25) -> Tra
         "bash",
         {"command": "cd /home/submission && bash reproduce.sh && cat results.json"},
         json.dumps(task.results()) + "\n[exit code 0]",
-    )
-    s.turn(
-        "All transforms match the paper; submitting.",
-        "submit",
-        {"summary": "Implemented all transforms."},
-        "Submitted. Your work directory will now be graded.",
-    )
-    return Trajectory(
-        task.task_id,
-        [*task.prompt(), *s.messages],
-        {"source": "scripted-expert", "turns": s.calls, "num_functions": len(task.functions)},
     )
 
 

@@ -64,10 +64,14 @@ class Policy:
 
     # ----- weights -----------------------------------------------------------------------------
     def load_weights(self, path: str | Path) -> None:
-        """Model weights only from a dist checkpoint (a klong-sft run's ``checkpoints`` dir or one step)."""
+        """Model weights only from a dist checkpoint (a klong-sft run's ``checkpoints`` dir or one step).
+
+        The optimizer's fp32 main parameters (bf16 runs, distributed optimizer) are refreshed from the
+        loaded weights; otherwise its next step would write the weights from before the load back."""
         if not Path(path).exists():
             raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
         ckpt.load_model_weights(path, self.model)
+        self.optimizer.reload_model_params()
 
     def freeze_reference(self, ref_dir: str | Path) -> None:
         """The reference model (KL penalty) = the weights in ``ref_dir`` if saved there, else the current

@@ -65,6 +65,9 @@ class RLState:
     scores: dict[str, float] = dataclasses.field(default_factory=dict)
     """held-out judge score per evaluation label (initial, sft, stage0, ...)"""
     best: dict[str, Any] = dataclasses.field(default_factory=dict)
+    log_step: int = 0
+    """metrics step of the last logged iteration (SFT warm-up steps, then one per update): a resumed run
+    continues the same W&B run at the next step"""
     wall_s: dict[str, float] = dataclasses.field(default_factory=dict)
     """wall time per phase: ``sft`` (warm-up), ``stage<k>`` (its iterations and evaluations), ``eval_<label>``"""
 
@@ -102,7 +105,6 @@ class RLTrainer:
         self.sync: Any = None
         self.pool: Any = None
         self.judge: Any = None
-        self.log_step = 0
         self.stop_signal: int | None = None
         self._critical = False
         self._main: asyncio.Task | None = None
@@ -251,7 +253,7 @@ class RLTrainer:
         score = float(np.mean([t.meta["reward"] for t in trajs])) if trajs else 0.0
         metrics = {"score": score, **{f"category/{k}": v for k, v in _category_means(trajs).items()}}
         metrics["turns"] = float(np.mean([t.meta["turns"] for t in trajs])) if trajs else 0.0
-        self.logger.log(self.log_step, metrics, prefix=f"eval/{label}")
+        self.logger.log(self.state.log_step, metrics, prefix=f"eval/{label}")
         self.logger.info(f"[bold green]held-out judge score ({label}): {score:.3f}[/bold green]")
         self.state.scores[label] = score
         self.state.wall_s[f"eval_{label}"] = time.perf_counter() - t0
@@ -292,7 +294,7 @@ class RLTrainer:
         sft = SFTTrainer(sft_cfg, self.out / "sft")
         summary = sft.run(self.logger)
         self.policy.load_weights(sft.save_dir)
-        self.log_step = int(summary["state"]["step"])
+        self.state.log_step = int(summary["state"]["step"])
         return summary
 
     def _write_expert_data(self) -> Path:
@@ -313,7 +315,7 @@ class RLTrainer:
         rollouts = self._select_groups(rollouts, c.stages[s].tasks_per_iteration)
         windows, wstats = build_rl_windows(
             rollouts, self.ctx, mode=a.advantage_mode, eps=a.advantage_eps, filter_zero_variance=a.filter_zero_variance,
-            current_version=self.state.version, max_staleness=c.rl.max_staleness,
+            current_version=self.state.version, max_staleness=c.rl.max_staleness, loss_agg=a.loss_agg,
         )  # fmt: skip
         metrics = {f"windows/{k}": v for k, v in wstats.items()}
         if windows:
@@ -348,15 +350,14 @@ class RLTrainer:
                 metrics = await asyncio.to_thread(self._update, trajs, s, i)
                 st.version += 1
                 await asyncio.to_thread(self._train_command, {"op": "save", "version": st.version})
-                st.stage, st.iteration = (s, i + 1)
+                st.stage, st.iteration, st.log_step = (s, i + 1, st.log_step + 1)
                 st.save(self.state_path)
             await self._push(st.version)
-            self.log_step += 1
             metrics |= _rollout_metrics(trajs) | {"iteration_s": time.perf_counter() - t0, "stage": s}
             metrics["tokens_per_s"] = metrics.get("tokens", 0.0) / metrics["iteration_s"]
             metrics |= {k: v for k, v in self.judge.queue.metrics().items() if "latency" in k or "wait" in k}
-            self.logger.log(self.log_step, metrics, prefix=f"rl/stage{s}")
-            self.logger.log_table(self.log_step, f"rl/stage{s}/samples", list(_SAMPLE_COLUMNS), _sample_rows(trajs))
+            self.logger.log(st.log_step, metrics, prefix=f"rl/stage{s}")
+            self.logger.log_table(st.log_step, f"rl/stage{s}/samples", list(_SAMPLE_COLUMNS), _sample_rows(trajs))
             if self.cfg.rl.eval_every and (i + 1) % self.cfg.rl.eval_every == 0 and i + 1 < stage.iterations:
                 await self.evaluate(f"stage{s}_iter{i + 1}", stage)
             self._add_wall(f"stage{s}", t0)
@@ -408,7 +409,8 @@ class RLTrainer:
         try:
             first = c.stages[0]
             if c.rl.sft_warmup is not None and not st.sft_done:
-                await self.evaluate("initial", first)
+                if c.rl.eval_initial:
+                    await self.evaluate("initial", first)
                 t0 = time.perf_counter()
                 sft = self._train_command({"op": "sft"})  # main thread: the SFT trainer handles signals itself
                 if sft.get("signal"):
@@ -421,7 +423,7 @@ class RLTrainer:
                 shutil.rmtree(self.out / "weights" / f"v{0:05d}", ignore_errors=True)
                 await self._push(0)
                 await self.evaluate("sft", first)
-            elif c.rl.sft_warmup is None:
+            elif c.rl.sft_warmup is None and c.rl.eval_initial:
                 await self.evaluate("initial", first)
             if c.algo.kl_coef > 0:  # the policy RL starts from (after SFT), restored from disk on resume
                 self._train_command({"op": "reference"})

@@ -14,13 +14,14 @@ turn cut by ``max_new_tokens`` has no behaviour log-prob and is not trained. Pur
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from klong_megatron.algo.grpo import compute_advantages, zero_variance_groups
+from klong_megatron.algo.grpo import LOSS_AGGREGATIONS, compute_advantages, zero_variance_groups
 from klong_megatron.data.context import ContextPolicy
 from klong_megatron.data.pack import build_sequence, pack_lengths
 from klong_megatron.data.split import split_trajectory
@@ -101,13 +102,22 @@ def build_rl_windows(
     filter_zero_variance: bool = True,
     current_version: int = 0,
     max_staleness: int | None = None,
+    loss_agg: str = "token",
 ) -> tuple[list[RLWindow], dict[str, float]]:
     """Split, advantage, filter. Returns (windows, stats).
 
+    ``loss_agg``: ``token`` keeps A_j on every trained token (the loss divides by the step's token
+    count, so a rollout weighs in proportion to its trained tokens); ``rollout`` scales A_j by
+    mean_tokens / tokens_j (tokens over the kept windows), so every rollout weighs the same in total.
+
     Stats: ``rollouts``, ``windows`` (kept), ``windows_per_rollout`` (before filtering),
     ``filtered_groups`` (zero-variance groups dropped), ``dropped_stale`` (windows older than
-    ``max_staleness``), ``staleness_mean`` and ``staleness_max`` over kept windows.
+    ``max_staleness``), ``staleness_mean`` and ``staleness_max`` over kept windows, ``adv_token_mean``
+    (advantage averaged over the kept trained tokens: below 0 the step pushes sampled tokens down on
+    balance, which raises entropy).
     """
+    if loss_agg not in LOSS_AGGREGATIONS:
+        raise ValueError(f"loss_agg must be one of {LOSS_AGGREGATIONS}, got {loss_agg!r}")
     if not rollouts:
         return [], {"rollouts": 0.0, "windows": 0.0}
     arrays = [token_arrays(r.trajectory) for r in rollouts]
@@ -135,7 +145,10 @@ def build_rl_windows(
                 dropped += 1
                 continue
             out.append(RLWindow(r.trajectory.id, r.group, ids, mask, lp, float(a), version))
+    if loss_agg == "rollout" and out:
+        out = _equal_rollout_weight(out)
     stale = [current_version - w.version for w in out]
+    tokens = np.array([w.loss_mask.sum() for w in out], np.float64)
     stats = {
         "rollouts": float(len(rollouts)),
         "windows": float(len(out)),
@@ -144,8 +157,18 @@ def build_rl_windows(
         "dropped_stale": float(dropped),
         "staleness_mean": float(np.mean(stale)) if stale else 0.0,
         "staleness_max": float(max(stale)) if stale else 0.0,
+        "adv_token_mean": float(np.dot(tokens, [w.advantage for w in out]) / tokens.sum()) if out else 0.0,
     }
     return out, stats
+
+
+def _equal_rollout_weight(windows: list[RLWindow]) -> list[RLWindow]:
+    """Scale each rollout's advantage by mean_tokens / its trained tokens (``loss_agg=rollout``)."""
+    tokens: dict[str, float] = {}
+    for w in windows:
+        tokens[w.rollout_id] = tokens.get(w.rollout_id, 0.0) + float(w.loss_mask.sum())
+    mean = float(np.mean(list(tokens.values())))
+    return [dataclasses.replace(w, advantage=w.advantage * mean / tokens[w.rollout_id]) for w in windows]
 
 
 def pack_rows(windows: Sequence[RLWindow], seq_len: int, pad_id: int) -> list[dict[str, np.ndarray]]:
