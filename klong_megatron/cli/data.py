@@ -27,7 +27,7 @@ from klong_megatron.config.data import ContextPolicyConfig
 from klong_megatron.data.context import ContextPolicy, Window
 from klong_megatron.data.demo_tasks import DEMO_TRAJECTORIES
 from klong_megatron.data.pack import build_sequence, pack_lengths, packing_efficiency
-from klong_megatron.data.render import Renderer, load_tokenizer
+from klong_megatron.data.render import Renderer, load_tokenizer, render_all
 from klong_megatron.data.split import SplitStats, split_all
 from klong_megatron.data.trajectory import ReadStats, Trajectory, read_trajectories, write_jsonl
 
@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     renderer = Renderer(load_tokenizer(args.tokenizer))
     read = ReadStats()
-    rendered = (renderer.render(t) for t in _trajectories(args, read))
+    rendered = render_all(_trajectories(args, read), renderer, skip_invalid=args.skip_invalid, stats=read)
     if args.cmd == "render":
         n = write_jsonl(
             args.out,

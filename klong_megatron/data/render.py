@@ -35,6 +35,7 @@ O(messages) times on short pieces (prompt + the last observations), done once pe
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -42,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from klong_megatron.data.trajectory import Message, Trajectory
+from klong_megatron.data.trajectory import Message, ReadStats, Trajectory
 from klong_megatron.errors import UserError
 
 Tools = list[dict[str, Any]] | None
@@ -355,3 +356,24 @@ class Renderer:
     def marker_ids(self, text: str) -> np.ndarray:
         """``text`` rendered as a user message after an assistant turn (the truncated-history marker)."""
         return np.asarray(self.encode(self._after([Message("user", text)], 0)), dtype=np.int32)
+
+
+def render_all(
+    trajectories: Iterable[Trajectory],
+    renderer: Renderer,
+    *,
+    skip_invalid: bool = False,
+    stats: ReadStats | None = None,
+) -> Iterator[RenderedTrajectory]:
+    """Render a stream of trajectories. A template refusal raises ``RenderError``; with ``skip_invalid`` it is
+    counted in ``stats.skipped`` (first 100 messages kept in ``stats.errors``) and the trajectory skipped."""
+    for traj in trajectories:
+        try:
+            yield renderer.render(traj)
+        except RenderError as e:
+            if not skip_invalid:
+                raise
+            if stats is not None:
+                stats.skipped += 1
+                if len(stats.errors) < 100:
+                    stats.errors.append(str(e))
