@@ -1,8 +1,18 @@
 """In-process generation for development: a PyTorch causal LM + KV-cached sampling.
 
 Dataflow: prompt ids -> ``backend.prefill`` (one forward, KV cache) -> loop: sample a token
-(temperature, top-p; log-prob under the unscaled logits) -> stop on a stop token / eos,
-``max_new_tokens``, the model's context length, or an abort -> ``Generation``.
+(temperature, top-p) -> stop on a stop token / eos, ``max_new_tokens``, the model's context length,
+or an abort -> ``Generation``.
+
+Log-probs follow SGLang 0.5.23 (``srt/layers/sampler.py``): ``log_softmax(logits / T)`` of the sampled
+token (before top-p), ``log_softmax(logits)`` for greedy requests (T = 0) or when
+``SGLANG_RETURN_ORIGINAL_LOGPROB`` is set (``original_logprobs=True``).
+
+Pausing (SGLang's ``/pause_generation`` modes): ``abort`` aborts what runs and holds new requests;
+``retract`` and ``in_place`` stop running requests between two tokens (releasing the model for a
+weight load) and hold new ones; on ``resume`` a retracted request recomputes its KV cache with the
+current weights, an in-place one continues on its old cache. ``running()`` counts requests that
+hold a KV cache now (what makes SGLang's ``/flush_cache`` answer 400).
 
 Backends (``CausalLM`` protocol): a local Hugging Face causal-LM directory (``HFCausalLM``) or a
 tiny randomly initialised Llama for demos and tests (``tiny_llama``); the project's Megatron GPT
@@ -16,6 +26,7 @@ cache, no tensor parallelism). ``DevEngine`` exposes it through the async ``Engi
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,7 +35,7 @@ import torch
 
 from klong_megatron.config.rollout import DevServerConfig
 from klong_megatron.data.render import load_tokenizer
-from klong_megatron.rollout.engine import EngineError, Generation, SamplingParams, WeightUpdate
+from klong_megatron.rollout.engine import PAUSE_MODES, EngineError, Generation, SamplingParams, WeightUpdate
 
 
 class CausalLM(Protocol):
@@ -39,7 +50,7 @@ class CausalLM(Protocol):
 
     def load_weights(self, path: str) -> None: ...
 
-    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
+    def load_tensors(self, tensors: dict[str, torch.Tensor], *, strict: bool = True) -> list[str]: ...
 
 
 class HFCausalLM:
@@ -76,20 +87,25 @@ class HFCausalLM:
         new = HFCausalLM.from_dir(path, device=self.device, dtype=next(self.model.parameters()).dtype)
         self.model.load_state_dict(new.model.state_dict(), strict=True)
 
-    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+    def load_tensors(self, tensors: dict[str, torch.Tensor], *, strict: bool = True) -> list[str]:
         """Copy the given HF-named tensors in place (any subset; cast to the model's dtype/device).
 
         All names and shapes are checked before anything is copied: a bad update changes nothing.
+        An unknown name raises ValueError, or (``strict=False``, SGLang's behaviour) is skipped and
+        returned.
         """
         own = self.model.state_dict()
+        skipped = [n for n in tensors if n not in own]
+        if skipped and strict:
+            raise ValueError(f"unknown parameter {skipped[0]!r} (not in this {type(self.model).__name__})")
+        tensors = {n: t for n, t in tensors.items() if n in own}
         for name, t in tensors.items():
-            if name not in own:
-                raise ValueError(f"unknown parameter {name!r} (not in this {type(self.model).__name__})")
             if tuple(t.shape) != tuple(own[name].shape):
                 raise ValueError(f"{name}: shape {tuple(t.shape)}, the model has {tuple(own[name].shape)}")
         with torch.no_grad():
             for name, t in tensors.items():
                 own[name].copy_(t)
+        return skipped
 
 
 def tiny_llama(vocab_size: int, *, seed: int = 0, max_context: int = 4096, eos_token_id: int | None = None) -> Any:
@@ -113,12 +129,19 @@ def tiny_llama(vocab_size: int, *, seed: int = 0, max_context: int = 4096, eos_t
     return LlamaForCausalLM(cfg).eval()
 
 
-def sample_token(logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator) -> tuple[int, float]:
-    """Sample from logits [V]; returns (token id, its log-prob under log_softmax(logits))."""
-    logp = torch.log_softmax(logits, dim=-1)
+def sample_token(
+    logits: torch.Tensor, sampling: SamplingParams, gen: torch.Generator, *, original_logprobs: bool = False
+) -> tuple[int, float]:
+    """Sample from logits [V]; returns (token id, its log-prob as SGLang reports it).
+
+    The log-prob is under ``log_softmax(logits / T)`` (top-p does not change it), or under
+    ``log_softmax(logits)`` when T = 0 (greedy) or ``original_logprobs`` (SGLANG_RETURN_ORIGINAL_LOGPROB).
+    """
     if sampling.temperature == 0:
         tok = int(torch.argmax(logits))
-        return tok, float(logp[tok])
+        return tok, float(torch.log_softmax(logits, dim=-1)[tok])
+    scaled = torch.log_softmax(logits / sampling.temperature, dim=-1)
+    logp = torch.log_softmax(logits, dim=-1) if original_logprobs else scaled
     probs = torch.softmax(logits / sampling.temperature, dim=-1)
     if sampling.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
@@ -133,11 +156,19 @@ def sample_token(logits: torch.Tensor, sampling: SamplingParams, gen: torch.Gene
 class DevModel:
     """Thread-safe generation over one ``CausalLM`` (requests run one at a time)."""
 
-    def __init__(self, lm: CausalLM, *, weight_version: str = "0", name: str = "dev") -> None:
+    def __init__(
+        self, lm: CausalLM, *, weight_version: str = "0", name: str = "dev", original_logprobs: bool | None = None
+    ) -> None:
         self.lm = lm
         self.weight_version = weight_version
         self.name = name
+        if original_logprobs is None:
+            original_logprobs = os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower() in ("1", "true", "yes")
+        self.original_logprobs = original_logprobs
         self._lock = threading.Lock()
+        self._state = threading.Condition()  # guards the pause state and the counters below
+        self._paused = ""  # "" or one of PAUSE_MODES
+        self._running = 0  # requests holding a KV cache now (not retracted)
         self._abort_epoch = 0
         self._aborted_rids: set[str] = set()
         self._seed_counter = 0
@@ -150,19 +181,66 @@ class DevModel:
         else:
             self._abort_epoch += 1
 
+    # ----- pause / resume (SGLang's /pause_generation, /continue_generation) -----------------------
+    def pause(self, mode: str = "abort") -> None:
+        """Hold new requests; ``abort`` also aborts running ones, the others stop them between tokens."""
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"mode must be one of {PAUSE_MODES}, got {mode!r}")
+        with self._state:
+            self._paused = mode
+        if mode == "abort":
+            self.abort()
+
+    def resume(self) -> None:
+        with self._state:
+            self._paused = ""
+            self._state.notify_all()
+
+    @property
+    def paused(self) -> str:
+        return self._paused
+
+    def running(self) -> int:
+        """Requests holding a KV cache now (paused in place included, retracted ones not)."""
+        return self._running
+
+    def _wait_resumed(self) -> None:
+        with self._state:
+            self._state.wait_for(lambda: not self._paused)
+
     @torch.inference_mode()
     def generate(self, input_ids: list[int], sampling: SamplingParams, *, rid: str = "") -> Generation:
         """Blocking generation; raises ValueError for a prompt that does not fit the context."""
         if not input_ids:
             raise ValueError("input_ids is empty")
-        epoch = self._abort_epoch
-        with self._lock:
-            try:
-                return self._generate(
-                    input_ids, sampling, lambda: epoch != self._abort_epoch or rid in self._aborted_rids
-                )
-            finally:
-                self._aborted_rids.discard(rid)
+        while True:  # a paused server holds new requests (SGLang: is_pause_cond)
+            self._wait_resumed()
+            epoch = self._abort_epoch
+            self._lock.acquire()
+            if not self._paused:
+                break
+            self._lock.release()
+        try:
+            return self._generate(input_ids, sampling, lambda: epoch != self._abort_epoch or rid in self._aborted_rids)
+        finally:
+            self._lock.release()
+            self._aborted_rids.discard(rid)
+
+    def _yield_if_paused(self) -> str:
+        """Between two tokens: while paused (retract / in_place), let weight loads take the model."""
+        mode = self._paused
+        if not mode or mode == "abort":
+            return ""
+        if mode == "retract":
+            self._running -= 1
+        self._lock.release()
+        try:
+            self._wait_resumed()
+        finally:
+            self._lock.acquire()
+            if mode == "retract":
+                self._running += 1
+        return mode
 
     def _generate(self, ids: list[int], sp: SamplingParams, aborted: Any) -> Generation:
         budget = min(sp.max_new_tokens, self.lm.max_context - len(ids))
@@ -176,34 +254,49 @@ class DevModel:
         reason = "length"
         if aborted():
             return Generation([], [], "abort", prompt_tokens=len(ids), weight_version=self.weight_version)
-        logits, cache = self.lm.prefill(ids)
-        for i in range(budget):
-            tok, lp = sample_token(logits, sp, gen)
-            out.append(tok)
-            lps.append(lp)
-            if tok in stops:
-                reason = "stop"
-                break
-            if aborted():
-                reason = "abort"
-                break
-            if i + 1 < budget:
-                logits, cache = self.lm.decode(tok, cache)
+        self._running += 1
+        try:
+            logits, cache = self.lm.prefill(ids)
+            for i in range(budget):
+                tok, lp = sample_token(logits, sp, gen, original_logprobs=self.original_logprobs)
+                out.append(tok)
+                lps.append(lp)
+                if tok in stops:
+                    reason = "stop"
+                    break
+                if self._yield_if_paused() == "retract":  # SGLang recomputes a retracted request's KV cache
+                    logits, cache = self.lm.prefill(ids + out[:-1])
+                if aborted():
+                    reason = "abort"
+                    break
+                if i + 1 < budget:
+                    logits, cache = self.lm.decode(tok, cache)
+        finally:
+            self._running -= 1
         self.tokens_generated += len(out)
         return Generation(out, lps, reason, prompt_tokens=len(ids), weight_version=self.weight_version)
 
     def load_weights(self, path: str, version: str) -> None:
-        """Reload weights between requests (waits for the current generation to finish)."""
+        """Reload weights between requests (waits for the current generation to finish or pause)."""
         with self._lock:
             self.lm.load_weights(path)
             self.weight_version = version
 
-    def load_tensors(self, tensors: dict[str, torch.Tensor], version: str | None) -> None:
-        """Copy named tensors into the model between requests; ``version=None`` keeps the version."""
+    def load_tensors(self, tensors: dict[str, torch.Tensor], version: str | None, *, strict: bool = True) -> list[str]:
+        """Copy named tensors into the model between requests; ``version=None`` keeps the version.
+
+        ``strict=False`` skips names the model does not have, as SGLang's model loaders do
+        (``if name in params_dict``); returns the skipped names.
+        """
         with self._lock:
-            self.lm.load_tensors(tensors)
+            skipped = self.lm.load_tensors(tensors, strict=strict)
             if version is not None:
                 self.weight_version = version
+            return skipped
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        """The model's parameters and persistent buffers under HF names (for the weight checker)."""
+        return dict(self.lm.model.state_dict())
 
 
 class DevEngine:

@@ -20,6 +20,9 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "length", "abort"]
 FINISH_REASONS: tuple[str, ...] = ("stop", "length", "abort")
+PAUSE_MODES = ("abort", "retract", "in_place")
+"""SGLang's ``/pause_generation`` modes (``srt/managers/io_struct.py`` ``PauseGenerationReqInput``): abort
+running requests, retract them (KV cache recomputed on continue) or stop them in place (old KV cache kept)."""
 
 
 class EngineError(RuntimeError):

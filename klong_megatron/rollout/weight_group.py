@@ -21,6 +21,7 @@ NCCL communicator from it.
 from __future__ import annotations
 
 import datetime
+import hashlib
 from collections.abc import Sequence
 
 import torch
@@ -97,3 +98,33 @@ def receive_tensors(
     for w in works:
         w.wait()
     return out
+
+
+# ----------------------------------------------------------------------------- weight checker
+# SGLang 0.5.23 ``/weights_checker`` (``srt/utils/weight_checker.py``, ``srt/managers/mm_utils.py``
+# ``tensor_hash``): per tensor the first 8 bytes of the SHA-256 of its raw bytes as 16 hex digits;
+# per GPU the SHA-256 over (name, checksum) in sorted-name order; per engine the SHA-256 over the
+# ranks' per-GPU checksums in rank order.
+
+
+def tensor_checksum(t: torch.Tensor) -> str:
+    """SGLang's per-tensor checksum: ``f"{int.from_bytes(sha256(bytes)[:8], 'big'):016x}"``."""
+    data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return f"{int.from_bytes(hashlib.sha256(memoryview(data)).digest()[:8], 'big'):016x}"
+
+
+def overall_checksum(checksums: dict[str, str]) -> str:
+    """SGLang's ``overall_checksum``: SHA-256 over name + checksum in sorted-name order."""
+    h = hashlib.sha256()
+    for name in sorted(checksums):
+        h.update(name.encode())
+        h.update(checksums[name].encode())
+    return h.hexdigest()
+
+
+def engine_checksum(per_gpu: Sequence[str]) -> str:
+    """SGLang's ``per_engine_checksum``: SHA-256 over the ranks' ``per_gpu_checksum`` strings in order."""
+    h = hashlib.sha256()
+    for c in per_gpu:
+        h.update(c.encode())
+    return h.hexdigest()
