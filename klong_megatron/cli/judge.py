@@ -1,7 +1,12 @@
 """``klong-judge``: grade one submission directory against a PaperBench rubric and print a per-category table.
 
-    klong-judge SUBMISSION_DIR RUBRIC_JSON [--paper paper.md] [--addendum addendum.md] [--out grade.json]
-                [--preset default|checks_only] [judge.endpoints=[http://node:30000] judge.code_only=true ...]
+    klong-judge SUBMISSION_DIR RUBRIC_JSON|TASK_DIR [--paper paper.md] [--addendum addendum.md]
+                [--judge-addendum judge.addendum.md] [--out grade.json] [--preset default|checks_only]
+                [judge.endpoints=[http://node:30000] judge.code_only=true ...]
+    klong-judge calibrate JUDGE_EVAL_DIR [--papers DIR] [judge.* overrides]   (klong_megatron/cli/judge_calibrate.py)
+
+A TASK_DIR is a PaperBench paper folder: rubric.json, paper.md and, when present, addendum.md and
+judge.addendum.md are read from it (explicit --paper/--addendum/--judge-addendum win).
 
 Trailing ``judge.*=value`` arguments are Hydra overrides of the ``judge=`` preset (schema:
 klong_megatron/config/judge.py). Per-leaf results go to ``--out`` (default ``SUBMISSION_DIR.grade.json``).
@@ -32,9 +37,10 @@ console = Console()
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="klong-judge", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("submission", type=Path, help="submission directory (e.g. a sandbox export)")
-    ap.add_argument("rubric", type=Path, help="PaperBench rubric.json")
+    ap.add_argument("rubric", type=Path, help="PaperBench rubric.json, or a task folder holding it")
     ap.add_argument("--paper", type=Path, default=None, help="the paper as Markdown")
     ap.add_argument("--addendum", type=Path, default=None, help="addendum Markdown")
+    ap.add_argument("--judge-addendum", type=Path, default=None, help="judge-only addendum (judge.addendum.md)")
     ap.add_argument("--out", type=Path, default=None, help="per-leaf JSON (default: SUBMISSION.grade.json)")
     ap.add_argument("--preset", default="default", help="judge preset in hydra_configs/judge/")
     ap.add_argument("--priority", choices=["eval", "train"], default="eval")
@@ -84,12 +90,19 @@ async def _grade(cfg: JudgeConfig, tree: TaskNode, args: argparse.Namespace) -> 
     from klong_megatron.judge.factory import build_judge
 
     judge, pool = build_judge(cfg)
-    paper = args.paper.read_text() if args.paper else ""
-    addendum = args.addendum.read_text() if args.addendum else ""
+    paper, addendum, judge_addendum = (
+        p.read_text() if p else "" for p in (args.paper, args.addendum, args.judge_addendum)
+    )
     try:
         async with judge:
             return await judge.grade(
-                args.submission, tree, priority=args.priority, paper=paper, addendum=addendum, out_path=args.out
+                args.submission,
+                tree,
+                priority=args.priority,
+                paper=paper,
+                addendum=addendum,
+                judge_addendum=judge_addendum,
+                out_path=args.out,
             )
     finally:
         if pool is not None:
@@ -98,16 +111,30 @@ async def _grade(cfg: JudgeConfig, tree: TaskNode, args: argparse.Namespace) -> 
 
 @one_line_errors("klong-judge")
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["calibrate"]:
+        from klong_megatron.cli.judge_calibrate import main as calibrate
+
+        return calibrate(argv[1:])
     args = _parser().parse_intermixed_args(argv)
+    if args.rubric.is_dir():  # a PaperBench task folder
+        task_dir, args.rubric = args.rubric, args.rubric / "rubric.json"
+        for name, file in (("paper", "paper.md"), ("addendum", "addendum.md"), ("judge_addendum", "judge.addendum.md")):
+            if getattr(args, name) is None and (task_dir / file).is_file():
+                setattr(args, name, task_dir / file)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.preset, args.overrides)
         from klong_megatron.judge.factory import prepare_rubric
 
         tree = prepare_rubric(load_rubric(args.rubric), cfg)
-        for name in ("paper", "addendum"):
+        if cfg.use_llm and cfg.tokenizer:
+            from klong_megatron.judge.submission import TokenCounter
+
+            TokenCounter(cfg.tokenizer)  # a missing judge tokenizer is named before anything is graded
+        for name in ("paper", "addendum", "judge_addendum"):
             if (p := getattr(args, name)) is not None and not p.is_file():
-                raise ValueError(f"--{name}: no such file {str(p)!r}")
+                raise ValueError(f"--{name.replace('_', '-')}: no such file {str(p)!r}")
         if not args.submission.is_dir():
             raise ValueError(f"submission directory {str(args.submission)!r} does not exist")
     except (RubricError, ValueError, FileNotFoundError) as e:
@@ -126,8 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     console.print(_table(tree, result))
     out = args.out or args.submission.resolve().parent / f"{args.submission.resolve().name}.grade.json"
     console.print(f"per-leaf results: {out}")
+    usage = result.token_usage
+    console.print(f"judge calls {usage.get('calls', 0)}, prompt tokens {usage.get('prompt_tokens', 0):,}, "
+                  f"completion tokens {usage.get('completion_tokens', 0):,}")  # fmt: skip
     if result.invalid:
-        console.print(f"[yellow]{len(result.invalid)} leaves could not be graded (counted 0): {result.invalid[:10]}")
+        console.print(
+            f"[yellow]{len(result.invalid)} leaves could not be graded (left out of the score; "
+            f"{result.invalid_frac:.1%} of the rubric's weight): {result.invalid[:10]}"
+        )
         return 3
     return 0
 

@@ -6,7 +6,8 @@ any OpenAI-compatible endpoint) and ``CheckGrader`` (judge/check.py, ``check`` c
 both pass the contract tests in tests/integration/test_judge_graders.py.
 
 A grade is either valid (score 0 or 1 with an explanation) or invalid (grading failed after retries);
-an invalid grade is never turned into a silent 0: the judge reports it.
+an invalid grade is never turned into a silent 0: the judge leaves it out of the score and reports its share.
+``meta["usage"]`` of an LLM grade holds the token usage of its calls (calls, prompt_tokens, completion_tokens).
 """
 
 from __future__ import annotations
@@ -48,13 +49,15 @@ class LeafGrade:
 
 @dataclass
 class GradingTask:
-    """What one grading job looks at. ``paper`` / ``addendum`` are Markdown text (may be empty)."""
+    """What one grading job looks at. ``paper``, ``addendum`` (the task's ``addendum.md``) and ``judge_addendum``
+    (``judge.addendum.md``, shown to the judge only) are Markdown text and may be empty."""
 
     submission: Submission
     rubric: TaskNode
     paper: str = ""
     addendum: str = ""
     priority: str = "train"
+    judge_addendum: str = ""
 
     def __post_init__(self) -> None:
         if self.priority not in PRIORITIES:
@@ -69,4 +72,9 @@ class LeafGrader(Protocol):
 
     async def grade(self, task: GradingTask, leaves: Sequence[TaskNode]) -> list[LeafGrade]:
         """One grade per leaf, in order; failures come back as invalid grades, not exceptions."""
+        ...
+
+    def cache_key(self, task: GradingTask, leaf: TaskNode) -> str:
+        """Identifies everything besides the submission's content and the leaf itself that shapes the grade
+        (grader, model, prompts, budgets, paper and addenda): grades are cached under it."""
         ...

@@ -1,7 +1,10 @@
-"""Grade cache keyed by (submission hash, leaf id, grader, leaf fingerprint), in SQLite or in memory.
+"""Grade cache keyed by (submission hash, leaf id, grader key, leaf fingerprint), in SQLite or in memory.
 
 The fingerprint (hash of the leaf's requirements, category and check) is part of the key because
-transforms keep ids: a leaf collapsed by ``collapse_deep`` keeps its id but asks something else.
+transforms keep ids: a leaf collapsed by ``collapse_deep`` keeps its id but asks something else. The grader
+key (``LeafGrader.cache_key``) covers the rest: for the LLM grader the model, prompt texts, budgets, request
+parameters (reasoning effort ...), the paper, both addenda and the preceding criteria, so that a changed
+judge configuration never serves old grades.
 Only valid grades are stored, so an invalid leaf is graded again next time. One SQLite file may be
 shared by several judge processes (WAL mode; writes are single statements).
 """
@@ -56,10 +59,11 @@ class GradeCache:
         self.hits += 1
         return LeafGrade.from_dict({**json.loads(raw), "cached": True})
 
-    def put_many(self, submission_hash: str, items: list[tuple[TaskNode, LeafGrade]]) -> None:
+    def put_many(self, submission_hash: str, items: list[tuple[TaskNode, LeafGrade, str]]) -> None:
+        """Store the valid grades of (leaf, grade, grader key) triples."""
         rows = [
-            (submission_hash, leaf.id, g.grader, leaf_fingerprint(leaf), json.dumps(g.to_dict()))
-            for leaf, g in items
+            (submission_hash, leaf.id, key, leaf_fingerprint(leaf), json.dumps(g.to_dict()))
+            for leaf, g, key in items
             if g.valid
         ]
         if self._db is None:

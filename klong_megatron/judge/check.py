@@ -47,6 +47,10 @@ class CheckGrader:
     async def grade(self, task: GradingTask, leaves: Sequence[TaskNode]) -> list[LeafGrade]:
         return await asyncio.to_thread(self._grade_sync, task, leaves)
 
+    def cache_key(self, task: GradingTask, leaf: TaskNode) -> str:
+        """The check command is in the leaf fingerprint; its time limit may change the outcome."""
+        return f"{self.name}#timeout={self.timeout_s:g}"
+
     def _grade_sync(self, task: GradingTask, leaves: Sequence[TaskNode]) -> list[LeafGrade]:
         grades: dict[str, LeafGrade] = {}
         for leaf in leaves:

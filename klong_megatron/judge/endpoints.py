@@ -33,6 +33,17 @@ class TransientChatError(ChatError):
     """Every endpoint failed for a reason that may pass (connection, timeout, 5xx, 429)."""
 
 
+@dataclass(frozen=True)
+class ChatReply:
+    """One chat completion: the answer text, the reasoning text a server's reasoning parser split off (kept
+    apart so that it never reaches a score parser), and the token usage the server reported (0 if none)."""
+
+    content: str
+    reasoning: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
 class PrioritySemaphore:
     """A semaphore whose waiters are woken lowest ``priority`` first (FIFO within a priority)."""
 
@@ -129,9 +140,15 @@ class ChatPool:
         return up + down
 
     async def chat(self, messages: list[dict[str, str]], *, priority: str = "train", **params: Any) -> str:
-        """The reply text (``choices[0].message.content``) of one chat completion.
+        """The reply text (``choices[0].message.content``) of one chat completion (see :meth:`complete`)."""
+        return (await self.complete(messages, priority=priority, **params)).content
 
-        ``params`` go into the request body (temperature, max_tokens, reasoning_effort, ...).
+    async def complete(
+        self, messages: list[dict[str, str]], *, priority: str = "train", **params: Any
+    ) -> ChatReply:
+        """One chat completion with its usage.
+
+        ``params`` go into the request body (temperature, max_tokens, reasoning_effort, response_format, ...).
         """
         rank = PRIORITIES.index(priority)
         body = {"model": self.model, "messages": messages, **params}
@@ -145,7 +162,7 @@ class ChatPool:
                 errors.append(f"{ep.url}: {e}")
         raise TransientChatError("all judge endpoints failed: " + "; ".join(errors))
 
-    async def _post(self, ep: Endpoint, body: dict[str, Any], rank: int) -> str:
+    async def _post(self, ep: Endpoint, body: dict[str, Any], rank: int) -> ChatReply:
         await ep.slots.acquire(rank)
         ep.in_flight += 1
         ep.requests += 1
@@ -161,10 +178,18 @@ class ChatPool:
             if resp.status_code >= 400:
                 raise ChatError(f"{ep.url}: HTTP {resp.status_code}: {resp.text[:500]}")
             try:
-                content = resp.json()["choices"][0]["message"]["content"]
-            except (ValueError, KeyError, IndexError, TypeError):
+                data = resp.json()
+                message = data["choices"][0]["message"]
+                content = message.get("content")
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
                 raise TransientChatError(f"not a chat completion: {resp.text[:200]!r}") from None
-            return content if isinstance(content, str) else ""
+            usage = data.get("usage") or {}
+            return ChatReply(
+                content if isinstance(content, str) else "",
+                message.get("reasoning_content") or "",
+                int(usage.get("prompt_tokens") or 0),
+                int(usage.get("completion_tokens") or 0),
+            )
         finally:
             ep.in_flight -= 1
             ep.slots.release()

@@ -15,13 +15,19 @@ from klong_megatron.judge.submission import TokenCounter
 
 
 def prepare_rubric(tree: TaskNode, cfg: JudgeConfig) -> TaskNode:
-    """Apply the configured transforms in order: zero_weight categories, code_only, max_depth collapse."""
-    for category in cfg.zero_weight_categories:
-        tree = zero_weight(tree, category)
+    """The rubric as the judge grades it: every caller (klong-judge, klong-rl, klong-eval) goes through here.
+
+    PaperBench's order and semantics (paperbench/grade.py ``run_judge``, paperbench/rubric/tasks.py):
+    ``code_only`` first (only Code Development leaves; parents left empty go), then ``zero_weight_categories``
+    (those leaves weigh 0, parents unchanged), then ``max_depth`` (every node at that depth, root = 1, graded
+    as one leaf, as ``Judge.grade`` does with ``grade_subtree``).
+    """
     if cfg.code_only:
         tree = code_only(tree)
+    for category in cfg.zero_weight_categories:
+        tree = zero_weight(tree, category)
     if cfg.max_depth is not None:
-        tree = collapse_deep(tree, cfg.max_depth)
+        tree = collapse_deep(tree, cfg.max_depth - 1)
     return tree
 
 
@@ -45,11 +51,18 @@ def build_judge(cfg: JudgeConfig) -> tuple[Judge, ChatPool | None]:
         llm = LLMGrader(
             pool,
             counter=TokenCounter(cfg.tokenizer),
+            context_window=cfg.context_window,
+            buffer_tokens=cfg.buffer_tokens,
             file_token_budget=cfg.file_token_budget,
             paper_token_budget=cfg.paper_token_budget,
             log_token_budget=cfg.log_token_budget,
             rank_files=cfg.rank_files,
+            max_ranked_files=cfg.max_ranked_files,
+            max_prior_nodes=cfg.max_prior_nodes,
+            code_only=cfg.code_only,
+            parse_mode=cfg.parse_mode,
             max_attempts=cfg.max_attempts,
+            retry_timeout_s=cfg.retry_timeout_s,
             backoff_s=cfg.backoff_s,
             backoff_max_s=cfg.backoff_max_s,
             request_params={k: v for k, v in params.items() if v is not None},

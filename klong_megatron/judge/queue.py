@@ -30,7 +30,7 @@ from typing import Any
 from klong_megatron.judge.base import PRIORITIES
 
 log = logging.getLogger(__name__)
-_BLOB_FIELDS = ("rubric", "paper", "addendum")
+_BLOB_FIELDS = ("rubric", "paper", "addendum", "judge_addendum")
 
 
 class JobFailed(RuntimeError):
@@ -39,13 +39,14 @@ class JobFailed(RuntimeError):
 
 @dataclass
 class Job:
-    """One grading request. ``rubric`` is rubric JSON text; ``paper``/``addendum`` are Markdown."""
+    """One grading request. ``rubric`` is rubric JSON text; ``paper``/``addendum``/``judge_addendum`` are Markdown."""
 
     priority: str
     submission_dir: str
     rubric: str
     paper: str = ""
     addendum: str = ""
+    judge_addendum: str = ""
     out_path: str | None = None
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: float = field(default_factory=time.time)
@@ -224,5 +225,6 @@ class JudgeQueue:
         assert self.state_dir is not None
         record = json.loads(path.read_text())
         for name in _BLOB_FIELDS:
-            record[name] = (self.state_dir / "blobs" / record[name]).read_text()
+            if name in record:  # a job written before the field existed lacks it
+                record[name] = (self.state_dir / "blobs" / record[name]).read_text()
         return Job(**record)

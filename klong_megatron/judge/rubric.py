@@ -66,6 +66,30 @@ class TaskNode:
                 return node
         raise KeyError(node_id)
 
+    def prior_nodes(self, node_id: str, max_prior_nodes: int | None = None) -> list[TaskNode]:
+        """Context for grading ``node_id`` (this node is the root): its ancestors, the preceding siblings of it
+        and of every ancestor, top-down, without the node itself; the last ``max_prior_nodes`` when given.
+
+        PaperBench's ``TaskNode.get_prior_nodes`` (paperbench/rubric/tasks.py).
+        """
+        path = self._path_to(node_id)
+        if path is None:
+            raise KeyError(node_id)
+        out: list[TaskNode] = [self]
+        for parent, node in zip(path, path[1:], strict=False):
+            idx = next(i for i, c in enumerate(parent.sub_tasks) if c.id == node.id)
+            out.extend(parent.sub_tasks[: idx + 1])
+        out = out[:-1] if len(path) > 1 else []
+        return out[-max_prior_nodes:] if max_prior_nodes else out
+
+    def _path_to(self, node_id: str) -> list[TaskNode] | None:
+        if self.id == node_id:
+            return [self]
+        for child in self.sub_tasks:
+            if (sub := child._path_to(node_id)) is not None:
+                return [self, *sub]
+        return None
+
     def depth(self) -> int:
         """0 for a single leaf."""
         return 0 if self.is_leaf else 1 + max(c.depth() for c in self.sub_tasks)
@@ -203,6 +227,38 @@ def category_scores(tree: TaskNode, leaf_scores: Mapping[str, float]) -> dict[st
     return out
 
 
+@dataclass(frozen=True)
+class ValidScore:
+    """Result of :func:`valid_score`: the score over the valid leaves and the share of the rubric left out."""
+
+    score: float
+    per_category: dict[str, float]
+    node_scores: dict[str, float]
+    invalid: tuple[str, ...]
+    invalid_frac: float
+
+
+def valid_score(tree: TaskNode, leaf_scores: Mapping[str, float]) -> ValidScore:
+    """The rubric score over the leaves that have a score, the others left out, never counted 0.
+
+    The tree is pruned to the scored leaves (a parent left without scored leaves goes too) and scored as
+    usual, so at every node the weights of the children that remain are renormalised among themselves.
+    ``invalid_frac`` is the share of the full tree's score (:func:`leaf_weights`) carried by the unscored
+    leaves: 0 when every leaf is scored, 1 when none is (then ``score`` is 0 and meaningless).
+    """
+    shares = leaf_weights(tree)
+    invalid = tuple(leaf.id for leaf in tree.leaves() if leaf.id not in leaf_scores)
+    pruned = filter_leaves(tree, lambda leaf: leaf.id in leaf_scores)
+    if pruned is None:
+        return ValidScore(0.0, {}, {}, invalid, 1.0 if invalid else 0.0)
+    agg = aggregate(pruned, leaf_scores)
+    frac = sum(shares[i] for i in invalid)
+    total = sum(shares.values())
+    return ValidScore(
+        agg.score, category_scores(pruned, leaf_scores), agg.node_scores, invalid, frac / total if total else 0.0
+    )
+
+
 def leaf_weights(tree: TaskNode) -> dict[str, float]:
     """Share of the root score each leaf carries (product of normalised weights on its path; sums to <= 1)."""
     out: dict[str, float] = {}
@@ -239,15 +295,14 @@ def code_only(tree: TaskNode) -> TaskNode:
 
 
 def zero_weight(tree: TaskNode, finegrained_category: str) -> TaskNode:
-    """Give weight 0 to leaves of ``finegrained_category``; a parent whose children all weigh 0 weighs 0 too.
+    """Give weight 0 to the leaves of ``finegrained_category``; parents keep their weights.
 
-    Propagating upwards keeps an emptied subtree from dragging its parent down with a score of 0.
+    PaperBench's ``zero_weight_by_category`` (paperbench/rubric/tasks.py, used by ``resources_provided``):
+    only leaf weights change, so a parent whose children all weigh 0 scores 0 with its own weight.
     """
     if tree.is_leaf:
         return replace(tree, weight=0) if tree.finegrained_task_category == finegrained_category else tree
-    children = tuple(zero_weight(c, finegrained_category) for c in tree.sub_tasks)
-    weight = tree.weight if any(c.weight > 0 for c in children) else 0
-    return replace(tree, sub_tasks=children, weight=weight)
+    return replace(tree, sub_tasks=tuple(zero_weight(c, finegrained_category) for c in tree.sub_tasks))
 
 
 def collapse_deep(tree: TaskNode, max_depth: int) -> TaskNode:

@@ -117,21 +117,35 @@ class Submission:
 class TokenCounter:
     """Counts and cuts text in tokens of a Hugging Face tokenizer, or ~4 characters per token without one.
 
-    ``tokenizer``: a ``tokenizer.json`` file or a directory holding one (the judge model's tokenizer).
+    ``tokenizer``: a ``tokenizer.json`` file, a directory holding one, or a Hugging Face Hub id whose
+    tokenizer.json is already in the local Hugging Face cache (nothing is downloaded).
     """
 
     CHARS_PER_TOKEN = 4
 
     def __init__(self, tokenizer: str | Path | None = None) -> None:
         self._tok = None
+        self.name = "chars/4"
+        """Identifies the counting (part of grade cache keys)."""
         if tokenizer is not None:
             from tokenizers import Tokenizer
 
             path = Path(tokenizer)
             path = path / "tokenizer.json" if path.is_dir() else path
             if not path.is_file():
-                raise FileNotFoundError(f"judge tokenizer: no tokenizer.json at {str(path)!r}")
+                path = _hub_cached(str(tokenizer)) or path
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"judge tokenizer: no tokenizer.json at {str(path)!r} and {str(tokenizer)!r} is not a Hub id "
+                    "in the local Hugging Face cache; set judge.tokenizer to the judge model's tokenizer"
+                )
             self._tok = Tokenizer.from_file(str(path))
+            self.name = f"{path.parent.name}/{path.name}:{hashlib.sha256(path.read_bytes()).hexdigest()[:12]}"
+
+    @property
+    def approximate(self) -> bool:
+        """True without a tokenizer (~4 characters a token)."""
+        return self._tok is None
 
     def count(self, text: str) -> int:
         if self._tok is None:
@@ -159,3 +173,18 @@ class TokenCounter:
         if len(enc.ids) <= max_tokens:
             return text
         return text[enc.offsets[-max_tokens][0] :]
+
+
+def _hub_cached(repo_id: str) -> Path | None:
+    """``tokenizer.json`` of a Hub model id from the local Hugging Face cache, or None (never downloads)."""
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    try:
+        found = try_to_load_from_cache(repo_id, "tokenizer.json")
+    except ValueError:  # not a valid repo id
+        return None
+    return Path(found) if isinstance(found, str) else None

@@ -41,6 +41,7 @@ from klong_megatron.config.rl import RLConfig, StageConfig
 from klong_megatron.data.context import ContextPolicy
 from klong_megatron.data.render import Renderer
 from klong_megatron.data.trajectory import Trajectory, read_trajectories
+from klong_megatron.judge.factory import prepare_rubric
 from klong_megatron.logging import MetricsLogger
 from klong_megatron.megatron import checkpoint as ckpt
 from klong_megatron.megatron import cpu_compat
@@ -97,6 +98,10 @@ class RLTrainer:
         self.renderer = Renderer(load_tokenizer(cfg.data.tokenizer))
         self.ctx = ContextPolicy.from_renderer(cfg.data.policy, self.renderer)
         self.train_tasks, self.eval_tasks = build_task_sets(cfg.tasks)
+        for t in self.train_tasks + self.eval_tasks:  # judge.code_only / zero_weight / max_depth, as klong-judge
+            t.rubric = prepare_rubric(t.rubric, cfg.judge)
+            if t.paper_task is not None:
+                t.paper_task.rubric = t.rubric
         self.by_id = {t.task_id: t for t in self.train_tasks + self.eval_tasks}
         self.save_dir = Path(cfg.trainer.save_dir or self.out / "checkpoints")
         self.state_path = self.out / "rl_state.json"

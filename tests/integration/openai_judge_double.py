@@ -2,9 +2,9 @@
 
 A real HTTP server (stdlib, threaded, HTTP/1.1 keep-alive) speaking the real protocol:
 ``POST /v1/chat/completions`` -> ``{"choices": [{"message": {"role": "assistant", "content": ...}}]}``,
-``GET /health``, ``GET /v1/models``. What it answers is scripted by the test through a ``responder``
-(request body -> :class:`Reply` or reply text); it can also answer malformed text, HTTP errors, or drop
-the connection. It does not run any model: it exists only for tests and benchmarks.
+``GET /health``, ``GET /v1/models``; ``usage`` counts characters, not tokens. What it answers is scripted
+by the test through a ``responder`` (request body -> :class:`Reply` or reply text); it can also answer malformed text, HTTP errors,
+or drop the connection. It does not run any model: it exists only for tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -32,24 +32,57 @@ class Reply:
 Responder = Callable[[dict[str, Any]], "Reply | str"]
 
 
+def _texts(body: dict[str, Any]) -> str:
+    return "\n".join(str(m.get("content", "")) for m in body["messages"])
+
+
 def criterion_of(body: dict[str, Any]) -> str:
-    """The criterion text of a grading or ranking request (the section after '# Criterion')."""
-    text = body["messages"][1]["content"] if len(body["messages"]) > 1 else ""
-    m = re.search(r"# Criterion(?: to grade)?\n\n(.*?)(?:\n\n|$)", text, re.DOTALL)
+    """The criterion text of a grading or ranking request (between ``<criterion>`` tags)."""
+    m = re.search(r"<criterion>\n(.*?)\n</criterion>", _texts(body), re.DOTALL)
     return m.group(1) if m else ""
 
 
 def is_ranking(body: dict[str, Any]) -> bool:
-    return "Reply with a JSON list of paths" in body["messages"][-1]["content"]
+    return "most relevant files" in body["messages"][-1]["content"]
+
+
+def is_parse(body: dict[str, Any]) -> bool:
+    """The structured parse call (PaperBench's second call) asks for a json_schema response_format."""
+    return (body.get("response_format") or {}).get("type") == "json_schema"
+
+
+def tree_paths(body: dict[str, Any]) -> list[str]:
+    """Full paths listed in a ranking request's directory tree (``├── name`` lines, 4 columns a level)."""
+    text = body["messages"][-1]["content"]
+    tree = text.split("Directory structure:\n", 1)[-1].split("\n\n", 1)[0]
+    stack: list[str] = []
+    lines = tree.splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        m = re.match(r"^((?:[│ ] {3})*)[├└]── (.*)$", line)
+        if not m:
+            continue
+        depth = len(m.group(1)) // 4
+        stack[depth:] = [m.group(2)]
+        nxt = re.match(r"^((?:[│ ] {3})*)[├└]── ", lines[i + 1]) if i + 1 < len(lines) else None
+        if not nxt or len(nxt.group(1)) // 4 <= depth:
+            out.append("/".join(stack))
+    return out
+
+
+def grade_reply(score: int, reason: str = "scripted by the test double") -> str:
+    """A reply in the three-part format the grading prompt asks for."""
+    return f"# Expectations\nThe criterion holds.\n\n# Reality\n{reason}.\n\n# Score\n{score}"
 
 
 def keyword_responder(body: dict[str, Any]) -> Reply | str:
-    """Default script: a criterion containing PASS scores 1, any other 0; ranking lists *.py files."""
+    """Default script: a criterion containing PASS scores 1, any other 0; ranking lists the *.py files."""
     if is_ranking(body):
-        files = re.findall(r"^(\S+\.py) \(", body["messages"][-1]["content"], re.MULTILINE)
-        return json.dumps(files)
-    s = 1 if "PASS" in criterion_of(body) else 0
-    return json.dumps({"explanation": f"scripted by the test double: {s}", "score": s})
+        return "\n".join(p for p in tree_paths(body) if p.endswith(".py"))
+    if is_parse(body):
+        s = 1 if "# Score\n1" in body["messages"][-1]["content"] else 0
+        return json.dumps({"valid_score": True, "score": s, "explanation": "parsed"})
+    return grade_reply(1 if "PASS" in criterion_of(body) else 0)
 
 
 class _Server(ThreadingHTTPServer):
@@ -139,7 +172,12 @@ class OpenAIJudgeDouble:
                             "finish_reason": "stop",
                         }
                     ],
-                    "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+                    # not a tokenizer's count: characters, so that tests can check usage is summed
+                    "usage": {
+                        "prompt_tokens": len(_texts(body)),
+                        "completion_tokens": len(reply.content),
+                        "total_tokens": len(_texts(body)) + len(reply.content),
+                    },  # fmt: skip
                 }
                 self._send(200, json.dumps(out).encode())
 

@@ -151,6 +151,6 @@ def test_judge_routes_check_leaves_to_the_check_grader(task: GradingTask) -> Non
 
     with OpenAIJudgeDouble() as srv:
         res = asyncio.run(go(srv.url))
-        assert srv.served == 1
+        assert srv.served == 2  # the judged leaf: ranking + grading; the checked leaf: no model call
     assert res.leaves["checked"].grader == "check" and res.leaves["judged"].grader == "llm:judge-double"
     assert res.score == 1.0 and res.complete

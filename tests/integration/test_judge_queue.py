@@ -193,6 +193,6 @@ def test_jobs_survive_a_killed_judge_process_and_resume(tmp_path: Path) -> None:
     assert all(r["score"] == pytest.approx(1 / 3) and not r["invalid"] for r in results)
     assert not list((state / "pending").glob("*.json"))
     # finished jobs are not graded again after the restart
-    assert srv.served - served_before <= 3 * pending
+    assert srv.served - served_before <= 2 * 3 * pending  # ranking + grading per leaf
     for s in subs:
         assert json.loads(Path(s + ".grade.json").read_text())["score"] == pytest.approx(1 / 3)

@@ -27,7 +27,7 @@ import argparse, sys, time
 sys.path.insert(0, {here!r})
 from openai_judge_double import OpenAIJudgeDouble
 ap = argparse.ArgumentParser()
-for flag in ("--model-path", "--tp", "--host", "--mem-fraction-static"):
+for flag in ("--model-path", "--tp", "--host", "--mem-fraction-static", "--reasoning-parser"):
     ap.add_argument(flag)
 ap.add_argument("--port", type=int)
 args = ap.parse_args()
@@ -66,6 +66,11 @@ def test_dry_run_prints_the_server_command(tmp_path: Path) -> None:
     out = subprocess.run(["bash", str(SCRIPT)], env={**_env(tmp_path, 31234), "DRY_RUN": "1", "JUDGE_TP": "4"},
                          capture_output=True, text=True, check=True).stdout  # fmt: skip
     assert "-m sglang.launch_server --model-path openai/gpt-oss-120b --tp 4" in out and "--port 31234" in out
+    # reasoning text goes to `reasoning_content`, never into the content the score parser reads
+    assert out.split("\n")[0].endswith("--reasoning-parser gpt-oss")
+    env = {**_env(tmp_path / "2", 31234), "DRY_RUN": "1", "JUDGE_REASONING_PARSER": "none"}
+    out = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, check=True).stdout
+    assert "--reasoning-parser" not in out
 
 
 def test_script_waits_for_health_publishes_url_and_stops_server(tmp_path: Path) -> None:

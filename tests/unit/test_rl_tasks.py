@@ -10,7 +10,7 @@ import pytest
 from klong_megatron.config.rl import TasksConfig
 from klong_megatron.rl.tasks import build_task_sets, load_task_dir, sample_tasks
 
-RUBRICS = Path(__file__).resolve().parents[1] / "data" / "paperbench_rubrics"
+RUBRICS = Path(__file__).resolve().parents[3] / "shared" / "data" / "paperbench_rubrics"  # real PaperBench rubrics
 
 
 def test_demo_tasks_are_deterministic_and_held_out_tasks_are_unseen():

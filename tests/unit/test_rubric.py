@@ -21,7 +21,8 @@ from klong_megatron.judge.rubric import (
     score,
 )
 
-RUBRICS = sorted((Path(__file__).resolve().parents[1] / "data" / "paperbench_rubrics").glob("*.json"))
+# the real PaperBench rubrics, read from the shared data next to the repository (never copied into it)
+RUBRICS = sorted((Path(__file__).resolve().parents[3] / "shared" / "data" / "paperbench_rubrics").glob("*.json"))
 MECH = next(p for p in RUBRICS if p.name.startswith("mechanistic"))
 STOCH = next(p for p in RUBRICS if p.name.startswith("stochastic"))
 

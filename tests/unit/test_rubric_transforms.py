@@ -18,7 +18,7 @@ from klong_megatron.judge.rubric import (
     zero_weight,
 )
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "paperbench_rubrics"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "paperbench_rubrics"  # the real PaperBench rubrics
 RUBRICS = sorted(DATA.glob("*.json"))
 # Code Development leaves per file, counted in the JSON files: (leaves, code-dev leaves).
 COUNTS = {
@@ -67,7 +67,7 @@ def _leaf(i: str, cat: str, fine: str | None = None, w: float = 1) -> dict:
             "finegrained_task_category": fine}  # fmt: skip
 
 
-def test_zero_weight_removes_a_finegrained_category_from_the_score() -> None:
+def test_zero_weight_zeroes_only_the_leaves_as_paperbench_does() -> None:
     tree = load_rubric(DATA / "semantic-self-consistency.rubric.json")
     cat = "Dataset and Model Acquisition"
     dropped = {leaf.id for leaf in tree.leaves() if leaf.finegrained_task_category == cat}
@@ -75,13 +75,15 @@ def test_zero_weight_removes_a_finegrained_category_from_the_score() -> None:
     out = zero_weight(tree, cat)
     shares = leaf_weights(out)
     assert all(shares[i] == 0 for i in dropped)
-    assert sum(shares.values()) == pytest.approx(1.0)  # the rest still adds up to a full score
+    assert {n.id: n.weight for _, n in out.walk() if not n.is_leaf} == {
+        n.id: n.weight for _, n in tree.walk() if not n.is_leaf
+    }  # parents keep their weights (paperbench/rubric/tasks.py zero_weight_by_category)
     others = {leaf.id: 1.0 for leaf in out.leaves() if leaf.id not in dropped}
-    assert score(out, others) == pytest.approx(1.0)
-    assert score(tree, others) < 1.0
+    # in this rubric one parent holds only such leaves: it keeps its weight and scores 0, as in PaperBench
+    assert score(out, others) == pytest.approx(sum(shares.values())) == pytest.approx(11 / 12)
 
 
-def test_zero_weight_propagates_to_a_parent_whose_children_all_weigh_zero() -> None:
+def test_zero_weight_keeps_the_weight_of_a_parent_whose_children_all_weigh_zero() -> None:
     raw = {
         "id": "r",
         "requirements": "",
@@ -92,8 +94,8 @@ def test_zero_weight_propagates_to_a_parent_whose_children_all_weigh_zero() -> N
         ],
     }
     out = zero_weight(rubric_from_dict(raw), "Setup")
-    assert out.sub_tasks[0].weight == 0
-    assert score(out, {"y": 1.0}) == 1.0
+    assert out.sub_tasks[0].weight == 3 and out.sub_tasks[0].sub_tasks[0].weight == 0
+    assert score(out, {"x": 1.0, "y": 1.0}) == pytest.approx(1 / 4)  # 'a' scores 0 (its children weigh 0)
 
 
 @pytest.mark.parametrize("path", RUBRICS, ids=lambda p: p.stem)
@@ -134,3 +136,20 @@ def test_collapse_deep_category_follows_the_heaviest_share() -> None:
     assert collapse_deep(rubric_from_dict(raw), 0).is_leaf
     with pytest.raises(ValueError, match="max_depth"):
         collapse_deep(rubric_from_dict(raw), -1)
+
+
+def test_prepare_rubric_applies_code_only_then_zero_weight_then_max_depth_as_paperbench() -> None:
+    from klong_megatron.config.judge import JudgeConfig
+    from klong_megatron.judge.factory import prepare_rubric
+
+    tree = load_rubric(DATA / "stochastic-interpolants.rubric.json")
+    cat = "Dataset and Model Acquisition"
+    cfg = JudgeConfig(code_only=True, zero_weight_categories=[cat], use_checks=False)
+    out = prepare_rubric(tree, cfg)
+    assert out == zero_weight(code_only(tree), cat)  # paperbench/grade.py: code_only, then resources_provided
+    assert all(leaf.task_category == "Code Development" for leaf in out.leaves())
+    assert all(leaf.weight == 0 for leaf in out.leaves() if leaf.finegrained_task_category == cat)
+    # max_depth counts the root as 1 (PaperBench's Judge.grade): 2 grades each child of the root as one leaf
+    collapsed = prepare_rubric(tree, JudgeConfig(max_depth=2, use_checks=False))
+    assert [leaf.id for leaf in collapsed.leaves()] == [c.id for c in tree.sub_tasks]
+    assert prepare_rubric(tree, JudgeConfig(use_checks=False)) == tree
