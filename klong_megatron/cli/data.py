@@ -4,6 +4,8 @@
     klong-data split  --input traj.jsonl --out windows.jsonl --max-len 1024 --overlap 128
     klong-data pack   --input windows.jsonl --out packed.jsonl --seq-len 4096
     klong-data stats  [--input traj.jsonl] --max-len 1024 --seq-len 4096   (default: bundled demo set)
+    klong-data prepare --input a.jsonl b.jsonl --out prepared/ --max-len 1024 --workers 8
+                      (then train with data.prepared=prepared/)
 
 Malformed trajectories stop the command with ``file:line: field ...`` (exit code 2) unless
 ``--skip-invalid`` is given, which counts and skips them.
@@ -59,6 +61,17 @@ def _parser() -> argparse.ArgumentParser:
             _policy_args(p)
         if name == "stats":
             p.add_argument("--seq-len", type=int, default=None, help="packed length (default: max-len)")
+    p = sub.add_parser("prepare", help="render + split + pack plan once into a memory-mapped dataset")
+    p.add_argument("--input", nargs="+", required=True, help="trajectory JSONL files (one shard each)")
+    p.add_argument("--valid-input", nargs="+", default=[], help="held-out trajectory files (else --valid-fraction)")
+    p.add_argument("--out", required=True, help="output directory (rerun to resume an interrupted prepare)")
+    p.add_argument("--tokenizer", default="byte", help='local HF tokenizer directory or "byte"')
+    p.add_argument("--skip-invalid", action="store_true", help="count and skip malformed trajectories")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (parallel over input files)")
+    p.add_argument("--seq-len", type=int, default=None, help="packed length (default: max-len)")
+    p.add_argument("--valid-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=1234)
+    _policy_args(p)
     p = sub.add_parser("pack")
     p.add_argument("--input", nargs="+", required=True, help="window JSONL files from `klong-data split`")
     p.add_argument("--out", required=True)
@@ -116,7 +129,35 @@ def _stats_table(stats: SplitStats, windows: list[Window], seq_len: int, per_tra
     return t
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from klong_megatron.config.data import DataConfig
+    from klong_megatron.prepared.prepare import prepare
+
+    renderer = Renderer(load_tokenizer(args.tokenizer))
+    cfg = DataConfig(
+        tokenizer=args.tokenizer,
+        policy=_policy(args, renderer).cfg,
+        seq_len=args.seq_len,
+        valid_fraction=args.valid_fraction,
+        skip_invalid=args.skip_invalid,
+        seed=args.seed,
+    )
+    m, shards = prepare(args.input, cfg, args.out, valid_files=args.valid_input, workers=args.workers)
+    c, p = m.counts, m.pack
+    console.print(
+        f"prepared {c['trajectories']} trajectories -> {c['windows']:,} windows ({c['window_tokens']:,} tokens) "
+        f"-> {p['train']['sequences']:,} train / {p['valid']['sequences']:,} held-out sequences of {m.seq_len} "
+        f"({p['train']['efficiency']:.2%} non-pad) in {args.out}; shards run {shards['ran']}, "
+        f"already done {shards['done_before']}"
+    )
+    if c.get("skipped"):
+        console.print(f"skipped {c['skipped']} invalid trajectories")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.cmd == "prepare":
+        return _prepare(args)
     if args.cmd == "pack":
         windows = [json.loads(line) for f in args.input for line in open(f) if line.strip()]
         bins = pack_lengths([len(w["input_ids"]) for w in windows], args.seq_len)

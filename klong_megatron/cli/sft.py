@@ -95,10 +95,12 @@ def run(cfg: SFTConfig, output_dir: str | Path, run_name: str | None = None) -> 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     plan = describe(cfg, world)
     if cfg.dry_run:
-        from klong_megatron.data.dataset import build_sft_datasets
+        from klong_megatron.sft.data import sft_data
 
-        train, valid = build_sft_datasets(cfg.data)
-        print(f"dry run OK: {plan}; data: {len(train)} train / {len(valid)} valid packed sequences")
+        data = sft_data(cfg.data)
+        print(f"dry run OK: {plan}; data: {len(data['train'])} train / {len(data['valid'])} valid packed sequences")
+        for row in data["info"].get("blend", []):
+            print("blend: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         return {"dry_run": True, "plan": plan}
 
     from klong_megatron.logging import MetricsLogger

@@ -50,6 +50,25 @@ class ContextPolicyConfig:
 
 
 @dataclass
+class BlendSourceConfig:
+    """One prepared dataset (``klong-data prepare`` output) in a blend: give ``weight`` or ``epochs``."""
+
+    path: str = MISSING
+    """Directory written by ``klong-data prepare``."""
+    weight: float | None = None
+    """Share of the blend's samples (weights are normalised over the sources)."""
+    epochs: float | None = None
+    """Passes over this source per blend cycle (may be fractional, e.g. 0.5 or 3)."""
+
+    def __post_init__(self) -> None:
+        if (self.weight is None) == (self.epochs is None):
+            raise ValueError(f"data.blend source {self.path!r}: set exactly one of weight or epochs")
+        value = self.weight if self.weight is not None else self.epochs
+        if value <= 0:
+            raise ValueError(f"data.blend source {self.path!r}: weight/epochs must be > 0, got {value}")
+
+
+@dataclass
 class DataConfig:
     """Where trajectories come from and how they become packed training sequences."""
 
@@ -65,10 +84,18 @@ class DataConfig:
     """Packed sequence length; None means policy.max_len."""
     skip_invalid: bool = False
     seed: int = 1234
+    prepared: str | None = None
+    """A directory from ``klong-data prepare``: train memory-mapped from it instead of splitting in memory."""
+    blend: list[BlendSourceConfig] = field(default_factory=list)
+    """Several prepared directories mixed by weight or epochs (see ``klong_megatron/prepared/blend.py``)."""
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ValueError(f"valid_fraction must be in [0, 1), got {self.valid_fraction}")
+        if self.prepared and self.blend:
+            raise ValueError("data.prepared and data.blend: set one (a one-source blend equals data.prepared)")
+        if self.blend and len({s.weight is None for s in self.blend}) > 1:
+            raise ValueError("data.blend: give every source a weight, or every source epochs, not a mix")
         if self.seq_len is not None and self.seq_len < self.policy.max_len:
             raise ValueError(f"seq_len ({self.seq_len}) must be >= policy.max_len ({self.policy.max_len})")
 

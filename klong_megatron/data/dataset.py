@@ -51,15 +51,19 @@ class PackedWindowDataset(torch.utils.data.Dataset):
         return build_sequence([(w.input_ids, w.loss_mask, w.trajectory_id) for w in ws], self.seq_len, self.pad_id)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        seq = self.sequence(i)
-        return {
-            "tokens": torch.from_numpy(seq.tokens),
-            "labels": torch.from_numpy(seq.labels),
-            "loss_mask": torch.from_numpy(seq.loss_mask),
-            "position_ids": torch.from_numpy(seq.position_ids),
-            "cu_seqlens": torch.from_numpy(seq.cu_seqlens),
-            "trajectory_ids": seq.trajectory_ids,
-        }
+        return sequence_item(self.sequence(i))
+
+
+def sequence_item(seq: PackedSequence) -> dict[str, Any]:
+    """A packed sequence as the dataset item the collators take (tensors + ``trajectory_ids``)."""
+    return {
+        "tokens": torch.from_numpy(seq.tokens),
+        "labels": torch.from_numpy(seq.labels),
+        "loss_mask": torch.from_numpy(seq.loss_mask),
+        "position_ids": torch.from_numpy(seq.position_ids),
+        "cu_seqlens": torch.from_numpy(seq.cu_seqlens),
+        "trajectory_ids": seq.trajectory_ids,
+    }
 
 
 def block_causal_mask(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -112,7 +116,8 @@ class SampleOrder:
             e, offset = e + 1, 0
 
 
-def _is_valid(trajectory_id: str, fraction: float, seed: int) -> bool:
+def is_held_out(trajectory_id: str, fraction: float, seed: int) -> bool:
+    """Whether a trajectory belongs to the held-out split (a stable hash of ``seed`` and its id)."""
     h = hashlib.sha256(f"{seed}:{trajectory_id}".encode()).digest()
     return int.from_bytes(h[:8], "big") / 2**64 < fraction
 
@@ -131,7 +136,7 @@ def build_windows(
         rt = renderer.render(traj)
         windows = split_trajectory(rt, policy)
         stats.add(rt, windows)
-        if not held_out_by_file and _is_valid(traj.id, cfg.valid_fraction, cfg.seed):
+        if not held_out_by_file and is_held_out(traj.id, cfg.valid_fraction, cfg.seed):
             valid += windows
         else:
             train += windows

@@ -75,7 +75,7 @@ class SFTTrainer:
 
     ``data`` overrides the pipeline (tests, custom corpora): a dict with ``train``, ``valid`` (datasets
     of packed items), ``collate(samples, attention)`` and ``order(num_samples, seed)`` (an object with
-    ``indices(start)``, the ``SampleOrder`` contract). Default: ``build_sft_datasets(cfg.data)``.
+    ``indices(start)``, the ``SampleOrder`` contract). Default: ``sft_data(cfg.data)`` (in memory or prepared).
     """
 
     def __init__(self, cfg: SFTConfig, output_dir: str | Path, data: dict[str, Any] | None = None) -> None:
@@ -104,10 +104,10 @@ class SFTTrainer:
     # ----- setup -------------------------------------------------------------------------------
     def _datasets(self, data: dict[str, Any] | None):
         if data is None:
-            from klong_megatron.data.dataset import SampleOrder, build_sft_datasets, collate
+            from klong_megatron.sft.data import sft_data
 
-            train, valid = build_sft_datasets(self.cfg.data)
-            data = {"train": train, "valid": valid, "collate": collate, "order": SampleOrder}
+            data = sft_data(self.cfg.data)
+        self.data_info: dict[str, Any] = data.get("info", {})
         train, valid, collate_fn = data["train"], data["valid"], data["collate"]
         if len(train) == 0:
             raise ValueError("the training split is empty: check data.train_files / data.policy")
@@ -220,6 +220,20 @@ class SFTTrainer:
         if self.logger is not None:
             self.logger.info(message)
 
+    def _log_mix(self) -> None:
+        """A blend's mix per source: planned share and epochs per cycle, realised ones after the samples consumed."""
+        order = self.data_info.get("blend_order")
+        if order is None or self.logger is None:
+            return
+        from klong_megatron.prepared.blend import mix_table
+
+        rows = mix_table([r["source"] for r in self.data_info["blend"]], order, self.state.consumed_samples)
+        for d, row in enumerate(rows):
+            text = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items())
+            self._log_info(f"blend source {d}: {text}")
+            mix = {f"source{d}_{k}": float(v) for k, v in row.items() if k.startswith(("share", "realised"))}
+            self.logger.log(self.state.step, mix, prefix="blend")
+
     def save(self) -> Path:
         path = ckpt.save_checkpoint(self.save_dir, self.model, self.optimizer, self.scheduler, self.state)
         self._log_info(f"saved checkpoint {path}")
@@ -267,6 +281,7 @@ class SFTTrainer:
         elif stop.signum:
             self._log_info(f"signal {signal.Signals(stop.signum).name} arrived during the final save; run {ended}")
         self._log_info(f"run ended at step {self.state.step}: {ended}")
+        self._log_mix()
         return {
             "state": asdict(self.state),
             "metrics": self.last_metrics,
