@@ -5,7 +5,8 @@
     klong-rl experiment=rl_demo dry_run=true          # validate the config and the tasks, print the plan
     sbatch --nodes 5 slurm/rl.sbatch experiment=rl_qwen3_8b data.tokenizer=path/to/Qwen3-8B   # cluster
 
-Exit status: 0 when every stage completed; 128 + N after signal N (SIGTERM, Ctrl-C), which stops the
+Exit status: 0 when every stage completed; 3 when the collapse / stall detector stopped the run
+(``rl.health``, the reason on stderr); 128 + N after signal N (SIGTERM, Ctrl-C), which stops the
 run at once (in-flight rollouts are dropped; an update in progress finishes and is saved first) and
 stops the servers and sandboxes it started. A run killed or stopped this way and restarted with the
 same ``output_dir`` continues at the stage and iteration it reached (rollouts already judged are reused).
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,6 +27,9 @@ from klong_megatron.cli._errors import INPUT_ERRORS, check_hydra_overrides, one_
 from klong_megatron.cli.sft import _run_names, implementation
 from klong_megatron.config import CONFIG_DIR, register_configs
 from klong_megatron.config.rl import RLConfig
+from klong_megatron.rl.health import RLHealthError
+
+EXIT_UNHEALTHY = 3
 
 
 def describe(cfg: RLConfig, world_size: int = 1) -> str:
@@ -95,7 +100,11 @@ def _print_scores(logger, summary: dict) -> None:
 def _main(dcfg: DictConfig) -> None:
     cfg: RLConfig = OmegaConf.to_object(dcfg)
     output_dir, run_name = _run_names()
-    summary = run(cfg, cfg.output_dir or output_dir, run_name)
+    try:
+        summary = run(cfg, cfg.output_dir or output_dir, run_name)
+    except RLHealthError as e:  # collapse / stall with rl.health.action=stop (or rollbacks used up)
+        print(f"klong-rl: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_UNHEALTHY) from None
     if summary.get("signal"):
         raise SystemExit(128 + summary["signal"])
 

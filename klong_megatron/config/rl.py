@@ -88,6 +88,46 @@ class TasksConfig:
             raise ValueError(f"tasks.demo_forms must be <= {NUM_FORMS} (the formula templates), got {self.demo_forms}")
 
 
+HEALTH_ACTIONS = ("warn", "rollback", "stop")
+
+
+@dataclass
+class HealthConfig:
+    """Collapse / stall detection (``klong_megatron.rl.health``); a null threshold disables its signal."""
+
+    action: str = "warn"
+    """warn (log loudly, go on), rollback (best checkpoint, learning rate x lr_factor) or stop (exit, naming why)."""
+    stall_iterations: int | None = 3
+    """Consecutive iterations without a trainable window (all groups zero-variance) that count as a stall."""
+    max_kl: float | None = 0.2
+    """An update's approx_kl (old vs new policy, per trained token) above this is a KL spike."""
+    max_entropy_ratio: float | None = 3.0
+    """An update's entropy above this x the first update's entropy is an entropy spike."""
+    reward_drop: float | None = 0.5
+    """An iteration's mean reward below (1 - reward_drop) x the stage's best so far is a collapse."""
+    min_best_reward: float = 0.05
+    """The reward-drop test waits until the stage's best mean reward reaches this."""
+    lr_factor: float = 0.5
+    """rollback: the learning rate is multiplied by this."""
+    max_rollbacks: int = 2
+    """rollback: after this many rollbacks the next trip stops the run."""
+
+    def __post_init__(self) -> None:
+        if self.action not in HEALTH_ACTIONS:
+            raise ValueError(f"rl.health.action must be one of {HEALTH_ACTIONS}, got {self.action!r}")
+        if self.stall_iterations is not None and self.stall_iterations < 1:
+            raise ValueError(f"rl.health.stall_iterations must be >= 1 or null, got {self.stall_iterations}")
+        for name in ("max_kl", "max_entropy_ratio"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"rl.health.{name} must be > 0 or null, got {getattr(self, name)}")
+        if self.reward_drop is not None and not 0 < self.reward_drop <= 1:
+            raise ValueError(f"rl.health.reward_drop must be in (0, 1] or null, got {self.reward_drop}")
+        if not 0 < self.lr_factor <= 1:
+            raise ValueError(f"rl.health.lr_factor must be in (0, 1], got {self.lr_factor}")
+        if self.max_rollbacks < 0:
+            raise ValueError(f"rl.health.max_rollbacks must be >= 0, got {self.max_rollbacks}")
+
+
 @dataclass
 class RLLoopConfig:
     """The iteration loop: epochs over each batch, off-policy bounds, evaluation, weight sync."""
@@ -122,6 +162,8 @@ class RLLoopConfig:
     """Run trajectory-splitting SFT on ``data`` first (the paper's cold start); None starts RL directly."""
     sft_expert_trajectories: int = 0
     """tasks.source=demo: write this many scripted-expert trajectories as the warm-up data (0: use data)."""
+    health: HealthConfig = field(default_factory=HealthConfig)
+    """Collapse and stall detection and what to do about it."""
     seed: int = 0
 
     def __post_init__(self) -> None:

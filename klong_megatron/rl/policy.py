@@ -73,6 +73,18 @@ class Policy:
         ckpt.load_model_weights(path, self.model)
         self.optimizer.reload_model_params()
 
+    def scale_lr(self, factor: float) -> float:
+        """Multiply the learning-rate schedule (max and min) by ``factor``; returns the new max lr.
+
+        Kept in the scheduler and the optimizer's param groups, so checkpoints carry it on resume."""
+        sched = self.scheduler
+        sched.max_lr, sched.min_lr = sched.max_lr * factor, sched.min_lr * factor
+        for group in self.optimizer.param_groups:
+            for key in ("max_lr", "min_lr", "lr"):
+                if key in group:
+                    group[key] *= factor
+        return sched.max_lr
+
     def freeze_reference(self, ref_dir: str | Path) -> None:
         """The reference model (KL penalty) = the weights in ``ref_dir`` if saved there, else the current
         weights, saved to ``ref_dir`` so that a resumed run gets the same reference. Collective."""

@@ -45,6 +45,7 @@ from klong_megatron.judge.factory import prepare_rubric
 from klong_megatron.logging import MetricsLogger
 from klong_megatron.megatron import checkpoint as ckpt
 from klong_megatron.megatron import cpu_compat
+from klong_megatron.rl.health import HealthMonitor, RLHealthError
 from klong_megatron.rl.policy import Policy, broadcast_object
 from klong_megatron.rl.tasks import SUBMISSION_DIR, RLTask, build_task_sets, sample_tasks
 from klong_megatron.rl.windows import JudgedRollout, build_rl_windows, pack_rows
@@ -71,6 +72,8 @@ class RLState:
     continues the same W&B run at the next step"""
     wall_s: dict[str, float] = dataclasses.field(default_factory=dict)
     """wall time per phase: ``sft`` (warm-up), ``stage<k>`` (its iterations and evaluations), ``eval_<label>``"""
+    health: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """collapse / stall detector state (``rl/health.py``): reference entropy, stage best reward, rollbacks"""
 
     @classmethod
     def load(cls, path: Path) -> RLState:
@@ -106,6 +109,7 @@ class RLTrainer:
         self.save_dir = Path(cfg.trainer.save_dir or self.out / "checkpoints")
         self.state_path = self.out / "rl_state.json"
         self.state = RLState.load(self.state_path)
+        self.health = HealthMonitor(cfg.rl.health, self.state.health)
         self.servers: Any = None
         self.sync: Any = None
         self.pool: Any = None
@@ -279,6 +283,9 @@ class RLTrainer:
                 return self._sft_warmup()
             if cmd["op"] == "reference":
                 self.policy.freeze_reference(self.out / "reference")
+            if cmd["op"] == "rollback":
+                self.policy.load_weights(cmd["path"])
+                return {"lr": self.policy.scale_lr(cmd["lr_factor"])}
         return {}
 
     def follow(self) -> None:
@@ -361,6 +368,7 @@ class RLTrainer:
             metrics |= _rollout_metrics(trajs) | {"iteration_s": time.perf_counter() - t0, "stage": s}
             metrics["tokens_per_s"] = metrics.get("tokens", 0.0) / metrics["iteration_s"]
             metrics |= {k: v for k, v in self.judge.queue.metrics().items() if "latency" in k or "wait" in k}
+            pending = await self._check_health(s, i, metrics, pending)
             self.logger.log(st.log_step, metrics, prefix=f"rl/stage{s}")
             self.logger.log_table(st.log_step, f"rl/stage{s}/samples", list(_SAMPLE_COLUMNS), _sample_rows(trajs))
             if self.cfg.rl.eval_every and (i + 1) % self.cfg.rl.eval_every == 0 and i + 1 < stage.iterations:
@@ -373,6 +381,59 @@ class RLTrainer:
             self.state.best = {"score": score, "version": st.version, "label": f"stage{s}"}
             self._mark_best()
         st.stage, st.iteration = s + 1, 0
+        st.save(self.state_path)
+
+    async def _check_health(
+        self, s: int, i: int, metrics: dict[str, float], pending: asyncio.Task | None
+    ) -> asyncio.Task | None:
+        """Collapse / stall detection after iteration ``i`` (``rl/health.py``) and the configured action.
+
+        Returns the next iteration's rollouts still to use: none after a rollback (they came from the
+        collapsed policy; cancelled and their store removed). Raises RLHealthError for ``stop``."""
+        reasons = self.health.check(s, metrics)
+        action = self.health.action(reasons)
+        metrics |= {"health/tripped": float(bool(reasons)), "health/rollbacks": self.health.state.get("rollbacks", 0)}
+        self.state.save(self.state_path)
+        where, text = f"stage {s} iteration {i}", "; ".join(reasons)
+        if action == "ok":
+            return pending
+        if action == "warn":
+            self.logger.info(f"[bold red]RL health check failed ({where}): {text}[/bold red]")
+            return pending
+        if pending is not None:  # rollouts of the collapsed policy: cancelled, their store removed
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pending
+            (self.out / "rollouts" / f"stage{s}_iter{i + 1:04d}.jsonl").unlink(missing_ok=True)
+        best = self.save_dir.parent / f"{self.save_dir.name}_best"
+        if action == "stop" or not best.exists():
+            done = self.health.state.get("rollbacks", 0)
+            why = f" after {done} rollback(s)" if done else "" if action == "stop" else " (no best checkpoint)"
+            raise RLHealthError(f"RL stopped{why} at {where}: {text}")
+        cmd = {"op": "rollback", "path": str(best), "lr_factor": self.cfg.rl.health.lr_factor}
+        with self._no_interrupt():
+            lr = (await asyncio.to_thread(self._train_command, cmd))["lr"]
+            self.state.version += 1
+            self.health.after_rollback()
+            await asyncio.to_thread(self._train_command, {"op": "save", "version": self.state.version})
+            self.state.save(self.state_path)
+        await self._push(self.state.version)
+        label, version = self.state.best.get("label"), self.state.version
+        self.logger.info(f"[bold red]RL health check failed ({where}): {text}. Rolled back to the best checkpoint "
+                         f"({label}) as policy version {version}; learning rate now {lr:.3g}[/bold red]")  # fmt: skip
+        metrics["health/rollbacks"] = self.health.state["rollbacks"]
+        return None
+
+    def _start_best(self) -> None:
+        """Before RL: the starting policy (after SFT) is the first ``best`` (what a rollback returns to)."""
+        st = self.state
+        if st.best:
+            return
+        if ckpt.latest_step(self.save_dir) is None:
+            self._train_command({"op": "save", "version": st.version})
+        label = next((k for k in ("sft", "initial") if k in st.scores), "start")
+        st.best = {"score": st.scores.get(label, -1.0), "version": st.version, "label": label}
+        self._mark_best()
         st.save(self.state_path)
 
     def _add_wall(self, phase: str, t0: float) -> None:
@@ -432,6 +493,7 @@ class RLTrainer:
                 await self.evaluate("initial", first)
             if c.algo.kl_coef > 0:  # the policy RL starts from (after SFT), restored from disk on resume
                 self._train_command({"op": "reference"})
+            self._start_best()
             for s in range(st.stage, len(c.stages)):
                 await self._run_stage(s)
         finally:

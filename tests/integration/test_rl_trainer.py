@@ -25,6 +25,7 @@ pytestmark = pytest.mark.bwrap
 TINY = [
     "experiment=rl_demo",
     "rl.sft_warmup=null",
+    "rl.eval_initial=true",
     "stages=[{timeout_s:15,iterations:4,rollouts_per_task:2,tasks_per_iteration:2}]",
     "rollout.max_turns=2",
     "rollout.sampling.max_new_tokens=32",
