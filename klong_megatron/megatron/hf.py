@@ -271,24 +271,29 @@ def megatron_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
            "model.norm.weight": sd["decoder.final_layernorm.weight"]}  # fmt: skip
     if cfg.untie_embeddings:
         out["lm_head.weight"] = sd["output_layer.weight"][:v]
-    names = set(sd)
     for i in range(cfg.num_layers):
-        h, m = f"model.layers.{i}.self_attn.", f"decoder.layers.{i}."
-        for meg, hfk in _layer_map(names, i).items():
-            if meg in sd:
-                out[hfk] = sd[meg]
-        q, k, vv = split_qkv(sd[f"{m}self_attention.linear_qkv.weight"], cfg)
-        out.update({f"{h}q_proj.weight": q, f"{h}k_proj.weight": k, f"{h}v_proj.weight": vv})
-        if cfg.qkv_bias:
-            q, k, vv = split_qkv(sd[f"{m}self_attention.linear_qkv.bias"], cfg)
-            out.update({f"{h}q_proj.bias": q, f"{h}k_proj.bias": k, f"{h}v_proj.bias": vv})
-        if f"{m}mlp.router.weight" in sd:
-            out.update(_moe_to_hf(sd, cfg, i))
-            continue
-        gate, up = sd[f"{m}mlp.linear_fc1.weight"].chunk(2)
-        out[f"model.layers.{i}.mlp.gate_proj.weight"] = gate
-        out[f"model.layers.{i}.mlp.up_proj.weight"] = up
+        out.update(layer_to_hf(sd, cfg, i))
     return {k: t.contiguous() for k, t in out.items()}
+
+
+def layer_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig, i: int) -> dict[str, torch.Tensor]:
+    """HF tensors of decoder layer ``i`` from the full (unsharded) Megatron tensors ``decoder.layers.{i}.*``."""
+    out: dict[str, torch.Tensor] = {}
+    h, m = f"model.layers.{i}.self_attn.", f"decoder.layers.{i}."
+    for meg, hfk in _layer_map(set(sd), i).items():
+        if meg in sd:
+            out[hfk] = sd[meg]
+    q, k, vv = split_qkv(sd[f"{m}self_attention.linear_qkv.weight"], cfg)
+    out.update({f"{h}q_proj.weight": q, f"{h}k_proj.weight": k, f"{h}v_proj.weight": vv})
+    if cfg.qkv_bias:
+        q, k, vv = split_qkv(sd[f"{m}self_attention.linear_qkv.bias"], cfg)
+        out.update({f"{h}q_proj.bias": q, f"{h}k_proj.bias": k, f"{h}v_proj.bias": vv})
+    if f"{m}mlp.router.weight" in sd:
+        return out | _moe_to_hf(sd, cfg, i)
+    gate, up = sd[f"{m}mlp.linear_fc1.weight"].chunk(2)
+    out[f"model.layers.{i}.mlp.gate_proj.weight"] = gate
+    out[f"model.layers.{i}.mlp.up_proj.weight"] = up
+    return out
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,6 +1,7 @@
 """Distributed weight sync (rl.weight_sync=distributed) on CPU: a tiny Megatron GPT in this process
 pushes its weights over gloo to real ``klong-devserver`` subprocesses through ``DistributedWeightSync``
-and the servers' SGLang-compatible /init_weights_update_group + /update_weights_from_distributed.
+and SGLang's protocol (pause, begin_weight_update, bucketed /update_weights_from_distributed,
+end_weight_update, continue, version and /weights_checker verification).
 
 The reference is a dev model loaded from the disk export (``export_hf``) of the same weights: the
 disk path the distributed one replaces. Greedy generations must match token for token."""
@@ -26,7 +27,8 @@ from klong_megatron.megatron.model import build_gpt
 from klong_megatron.megatron.parallel import destroy_distributed, init_distributed
 from klong_megatron.rl.servers import DevServerProcess
 from klong_megatron.rl.weight_sync import DistributedWeightSync, WeightSyncError, free_port
-from klong_megatron.rollout.devmodel import DevModel, HFCausalLM
+from klong_megatron.rollout.devmodel import DevModel, HFCausalLM, tiny_llama
+from klong_megatron.rollout.devserver import DevServer
 from klong_megatron.rollout.engine import Generation, SamplingParams
 from klong_megatron.rollout.sglang import SGLangEngine, parse_generate_reply
 
@@ -91,10 +93,12 @@ def test_pushes_reach_two_servers_like_a_disk_export(setup, tmp_path):
     async def go() -> list[list[Generation]]:
         engine = SGLangEngine(urls, control_timeout_s=30)
         sync = DistributedWeightSync(engine, master_address="127.0.0.1", master_port=free_port(), backend="gloo",
-                                     timeout_s=30)  # fmt: skip
+                                     timeout_s=30, bucket_bytes=20_000, verify="checksum")  # fmt: skip
         try:
             await push(sync, "v1", seed=1)
             assert sync.world_size == 3 and [s.rank_offset for s in engine.servers] == [1, 2]
+            largest = max(p.numel() * p.element_size() for p in model.parameters())  # the embedding
+            assert sync.last_push["buckets"] > 3 and sync.last_push["max_bucket_bytes"] <= max(20_000, largest)
             v1 = [_served(u) for u in urls] + [_from_disk(model, cfg, tok, tmp_path / "v1")]
             await push(sync, "v2", seed=2)  # the group is reused: no second join
             v2 = [_served(u) for u in urls] + [_from_disk(model, cfg, tok, tmp_path / "v2")]
@@ -111,7 +115,7 @@ def test_pushes_reach_two_servers_like_a_disk_export(setup, tmp_path):
     assert [g.weight_version for g in v2[:2]] == ["v2", "v2"]
     assert v1[0].output_logprobs != before.output_logprobs
     assert v2[0].output_ids != v1[0].output_ids  # new weights, new greedy continuation
-    info = httpx.get(f"{urls[0]}/get_server_info").json()
+    info = httpx.get(f"{urls[0]}/server_info").json()
     assert info["tp_size"] == 1
 
 
@@ -127,7 +131,7 @@ def test_down_server_is_named_and_nothing_is_sent(setup):
         sync = DistributedWeightSync(engine, master_address="127.0.0.1", master_port=free_port(), backend="gloo",
                                      timeout_s=10)  # fmt: skip
         try:
-            with pytest.raises(WeightSyncError, match=f"{dead}/get_server_info.*is the server up"):
+            with pytest.raises(WeightSyncError, match=f"{dead}/server_info.*is the server up"):
                 await sync.push_model(model, cfg, "never")
         finally:
             await sync.close()
@@ -150,7 +154,7 @@ def test_silent_server_times_out_with_its_name(setup):
         engine = SGLangEngine([url], control_timeout_s=1)
         sync = DistributedWeightSync(engine, master_address="127.0.0.1", master_port=free_port(), backend="gloo")
         try:
-            with pytest.raises(WeightSyncError, match=f"{url}/get_server_info: ReadTimeout"):
+            with pytest.raises(WeightSyncError, match=f"{url}/server_info: ReadTimeout"):
                 await sync.push_model(model, cfg, "never")
         finally:
             await engine.close()
@@ -210,6 +214,63 @@ def test_server_keeps_serving_while_a_join_waits_for_the_trainer(setup):
     assert _served(url).output_ids and time.monotonic() - t0 < 10
     update = {"names": ["model.norm.weight"], "dtypes": ["float32"], "shapes": [[32]], "group_name": body["group_name"]}
     r = httpx.post(f"{url}/update_weights_from_distributed", json=update, timeout=10)
-    assert r.status_code == 400 and "not initialised" in r.json()["message"]
+    assert r.status_code == 400 and "must run between begin_weight_update()" in r.json()["message"]
+    assert httpx.post(f"{url}/begin_weight_update", json={}, timeout=10).status_code == 200
+    try:
+        r = httpx.post(f"{url}/update_weights_from_distributed", json=update, timeout=10)
+        assert r.status_code == 400 and "not initialised" in r.json()["message"]
+    finally:
+        httpx.post(f"{url}/end_weight_update", json={}, timeout=10)
     r = httpx.post(f"{url}/update_weights_from_distributed", json={**update, "dtypes": ["float33"]}, timeout=10)
     assert r.status_code == 400 and "dtypes" in r.json()["error"]["message"]
+
+
+def test_a_renamed_parameter_fails_the_push_by_name(setup):
+    """SGLang's loaders skip unknown names: the push 'succeeds' on the server; the checksum check catches it."""
+    _, cfg, model, servers = setup
+    from klong_megatron.megatron.hf import hf_tensors
+
+    tensors = dict(hf_tensors(model, cfg))
+    tensors["model.layers.0.mlp.gate.weight"] = tensors.pop("model.layers.0.mlp.gate_proj.weight") + 1.0
+
+    async def go() -> None:
+        engine = SGLangEngine([servers[1].url], control_timeout_s=30)
+        sync = DistributedWeightSync(engine, master_address="127.0.0.1", master_port=free_port(), backend="gloo",
+                                     timeout_s=30, verify="checksum")  # fmt: skip
+        try:
+            with pytest.raises(WeightSyncError, match=r"1 pushed name\(s\) unknown.*model.layers.0.mlp.gate.weight"):
+                await sync.push(tensors, "renamed")
+            strict = DistributedWeightSync(engine, master_address="127.0.0.1", master_port=free_port(),
+                                           backend="gloo", known_names=set(hf_tensors(model, cfg)))  # fmt: skip
+            with pytest.raises(WeightSyncError, match="does not have, e.g. 'model.layers.0.mlp.gate.weight'"):
+                await strict.push(tensors, "never")
+        finally:
+            await sync.close()
+            await engine.close()
+
+    asyncio.run(go())
+    assert httpx.get(f"{servers[1].url}/model_info").json()["weight_version"] == "renamed"
+
+
+def test_servers_with_pipeline_or_data_parallelism_are_refused_by_name(setup):
+    _, cfg, model, _ = setup
+
+    class PipelinedServer(DevServer):  # a double of an SGLang server launched with --pp-size 2
+        def server_info(self):
+            return super().server_info() | {"pp_size": 2}
+
+    dev = PipelinedServer(DevModel(HFCausalLM(tiny_llama(256))), model_path="x").start()
+
+    async def go() -> None:
+        engine = SGLangEngine([dev.url], control_timeout_s=5)
+        sync = DistributedWeightSync(engine, master_address="127.0.0.1", master_port=free_port(), backend="gloo")
+        try:
+            with pytest.raises(WeightSyncError, match=rf"pp_size = dp_size = 1.*{dev.url} \(pp_size=2, dp_size=1\)"):
+                await sync.push_model(model, cfg, "never")
+        finally:
+            await engine.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        dev.close()

@@ -1,0 +1,161 @@
+"""Megatron GPT at any TP / PP / EP -> a stream of full HF tensors on global rank 0, one layer at a time.
+
+Dataflow of ``hf_tensor_stream(model, cfg)`` (collective: every rank of the trainer iterates it):
+units in HF order (embedding, decoder layers 0..L-1, final norm, output layer) -> the pipeline stage
+that owns a unit (``layer_number`` of its layers, first / last stage for the ends; all ranks agree on
+the table through one ``all_gather_object``) gathers it: a TP-split parameter (``tensor_model_parallel``,
+``partition_dim``) is all-gathered in its TP group (expert parameters in the expert-TP group; a gated
+``linear_fc1`` shard ``[gate_r; up_r]`` is gathered per half), expert ``e`` of EP rank ``r`` becomes
+global expert ``r * local + e`` (all-gathered in the EP group) -> the stage's lowest global rank holds
+the full Megatron tensors of the unit, converts them with ``hf.layer_to_hf`` and sends them to global
+rank 0 (``send_object_list`` for names / shapes / dtypes, then one ``send`` per tensor) -> global rank
+0 yields ``(HF name, tensor)`` pairs; every other rank yields nothing.
+
+Memory: a rank holds its own shards plus one unit at full size (the largest: an MoE layer with all
+its experts); no rank ever holds the whole model. Names and values equal ``hf.hf_tensors`` of the
+same weights in one process (tested under torchrun at TP 2, PP 2 and EP 2).
+
+Limits: ``moe_grouped_gemm=False`` (SequentialMLP experts); context parallelism does not shard weights
+and is ignored; virtual pipeline stages are not supported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from klong_megatron.config.model import ModelConfig
+from klong_megatron.megatron.hf import _RUNTIME_BUFFERS, _unwrap, layer_to_hf, megatron_to_hf
+
+_EXPERT = ".experts.local_experts."
+
+
+def _gather(t: torch.Tensor, dim: int, group: dist.ProcessGroup, size: int) -> torch.Tensor:
+    if size == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _full(name: str, p: torch.Tensor) -> torch.Tensor:
+    """The unsharded Megatron tensor of one (possibly TP-split) parameter; collective over its TP group."""
+    if not getattr(p, "tensor_model_parallel", False):
+        return p.detach()
+    expert = _EXPERT in name
+    group = ps.get_expert_tensor_parallel_group() if expert else ps.get_tensor_model_parallel_group()
+    size = dist.get_world_size(group)
+    dim = int(getattr(p, "partition_dim", 0))
+    if name.endswith("linear_fc1.weight"):  # gated: each rank holds [gate_r; up_r]
+        gate, up = p.detach().chunk(2)
+        return torch.cat([_gather(gate, dim, group, size), _gather(up, dim, group, size)])
+    return _gather(p.detach(), dim, group, size)
+
+
+def _unit_tensors(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """Full Megatron tensors of one module (``prefix`` + its state-dict names), experts under global ids."""
+    ep, ep_rank = ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
+    state = {k: v for k, v in module.state_dict(keep_vars=True).items()
+             if not k.endswith("_extra_state") and k.rsplit(".", 1)[-1] not in _RUNTIME_BUFFERS}  # fmt: skip
+    local_experts = {int(k.split(_EXPERT, 1)[1].split(".", 1)[0]) for k in state if _EXPERT in k}
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        t = _full(k, v)
+        if _EXPERT not in k:
+            out[prefix + k] = t
+            continue
+        head, rest = k.split(_EXPERT, 1)
+        e, tail = rest.split(".", 1)
+        n = len(local_experts)
+        parts = [t] if ep == 1 else [torch.empty_like(t) for _ in range(ep)]
+        if ep > 1:
+            dist.all_gather(parts, t.contiguous(), group=ps.get_expert_model_parallel_group())
+        for r, part in enumerate(parts):
+            out[f"{prefix}{head}{_EXPERT}{r * n + int(e) if ep > 1 else ep_rank * n + int(e)}.{tail}"] = part
+    return out
+
+
+def _units(model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, str]]:
+    """This rank's units: name -> (module, Megatron state-dict prefix)."""
+    out: dict[str, tuple[torch.nn.Module, str]] = {}
+    if getattr(model, "pre_process", True):
+        out["embedding"] = (model.embedding, "embedding.")
+    for layer in model.decoder.layers:
+        g = layer.layer_number - 1
+        out[f"layer.{g}"] = (layer, f"decoder.layers.{g}.")
+    if getattr(model, "post_process", True):
+        out["final_norm"] = (model.decoder.final_layernorm, "decoder.final_layernorm.")
+        if getattr(model, "output_layer", None) is not None and model.share_embeddings_and_output_weights is False:
+            out["output_layer"] = (model.output_layer, "output_layer.")
+    return out
+
+
+def _to_hf(unit: str, sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    v = cfg.vocab_size
+    if unit == "embedding":
+        return {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"][:v]}
+    if unit == "final_norm":
+        return {"model.norm.weight": sd["decoder.final_layernorm.weight"]}
+    if unit == "output_layer":
+        return {"lm_head.weight": sd["output_layer.weight"][:v]} if cfg.untie_embeddings else {}
+    return layer_to_hf(sd, cfg, int(unit.split(".")[1]))
+
+
+def _send(out: dict[str, torch.Tensor], dst: int) -> None:
+    meta = [[(k, tuple(t.shape), t.dtype) for k, t in out.items()]]
+    dist.send_object_list(meta, dst=dst)
+    for t in out.values():
+        dist.send(t.contiguous(), dst=dst)
+
+
+def _recv(src: int, device: torch.device) -> dict[str, torch.Tensor]:
+    meta: list = [None]
+    dist.recv_object_list(meta, src=src)
+    out = {}
+    for k, shape, dtype in meta[0]:
+        t = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(t, src=src)
+        out[k] = t
+    return out
+
+
+def hf_tensor_stream(model: torch.nn.Module, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(HF name, full tensor)`` pairs on global rank 0, nothing elsewhere; call on every rank (collective).
+
+    Order: embedding, layers 0..L-1, final norm, lm head (untied only). Tensors keep the model's dtype
+    and device (on rank 0: received into the model's device)."""
+    model = _unwrap(model)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        sd = {k: v.detach() for k, v in model.state_dict().items()
+              if not k.endswith("_extra_state") and k.rsplit(".", 1)[-1] not in _RUNTIME_BUFFERS}  # fmt: skip
+        yield from megatron_to_hf(sd, cfg).items()
+        return
+    mine = _units(model)
+    rank = dist.get_rank()
+    table: list = [None] * dist.get_world_size()
+    dist.all_gather_object(table, sorted(mine))
+    owner: dict[str, int] = {}
+    for r, units in enumerate(table):
+        for u in units:
+            owner.setdefault(u, r)  # the lowest global rank of the owning stage
+    order = ["embedding"] + [f"layer.{i}" for i in range(cfg.num_layers)] + ["final_norm", "output_layer"]
+    device = next(model.parameters()).device
+    for unit in order:
+        if unit not in owner:
+            continue  # tied embeddings: no separate output layer
+        out: dict[str, torch.Tensor] = {}
+        if unit in mine:  # every rank of the owning stage takes part in the gathers
+            module, prefix = mine[unit]
+            full = _unit_tensors(module, prefix)
+            if rank == owner[unit]:
+                out = {k: t.contiguous() for k, t in _to_hf(unit, full, cfg).items()}
+            del full
+        if rank == owner[unit] and rank != 0:
+            _send(out, 0)
+        elif rank == 0 and owner[unit] != 0:
+            out = _recv(owner[unit], device)
+        if rank == 0:
+            yield from out.items()
