@@ -43,11 +43,18 @@ def resource_missing(name: str) -> str | None:
         return (
             None if _ok(["bwrap", "--unshare-all", "--ro-bind", "/", "/", "true"]) else "bwrap cannot create namespaces"
         )
+    if name == "browser":
+        return None if chromium() else "chromium not installed (run `make services`)"
     if name == "gpu":
         import torch
 
         return None if torch.cuda.is_available() else "no CUDA device"
     raise KeyError(name)
+
+
+def chromium() -> str | None:
+    """Path of a headless-capable Chromium (Debian's ``chromium`` package), or None."""
+    return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @functools.cache
@@ -68,13 +75,21 @@ def clear_local_slurm_queue() -> None:
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     required = os.environ.get("KLONG_REQUIRE_SERVICES") == "1"
-    for name in ("docker", "slurm", "bwrap", "gpu"):
+    for name in ("docker", "slurm", "bwrap", "browser", "gpu"):
         if name in item.keywords and (why := resource_missing(name)) is not None:
             if required and name != "gpu":
                 pytest.fail(f"{name} is required here (KLONG_REQUIRE_SERVICES=1) but {why}")
             pytest.skip(f"{name}: {why}")
     if "slurm" in item.keywords:
         clear_local_slurm_queue()
+
+
+@pytest.fixture
+def chromium_bin() -> str:
+    """Headless Chromium for page tests (mark the test ``browser``)."""
+    path = chromium()
+    assert path is not None, "mark the test with @pytest.mark.browser"
+    return path
 
 
 @pytest.fixture

@@ -1,0 +1,1 @@
+"""``klong-view``: one self-contained HTML page for trajectories, rollouts and judge grades."""
