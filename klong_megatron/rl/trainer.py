@@ -41,11 +41,13 @@ from klong_megatron.config.rl import RLConfig, StageConfig
 from klong_megatron.data.context import ContextPolicy
 from klong_megatron.data.render import Renderer
 from klong_megatron.data.trajectory import Trajectory, read_trajectories
+from klong_megatron.eval.grading import invalid_fraction
 from klong_megatron.judge.factory import prepare_rubric
 from klong_megatron.logging import MetricsLogger
 from klong_megatron.megatron import checkpoint as ckpt
 from klong_megatron.megatron import cpu_compat
 from klong_megatron.rl.health import HealthMonitor, RLHealthError
+from klong_megatron.rl.paper_tasks import paper_rollout_and_grade
 from klong_megatron.rl.policy import Policy, broadcast_object
 from klong_megatron.rl.tasks import SUBMISSION_DIR, RLTask, build_task_sets, sample_tasks
 from klong_megatron.rl.windows import JudgedRollout, build_rl_windows, pack_rows
@@ -131,6 +133,7 @@ class RLTrainer:
         from klong_megatron.judge.factory import build_judge
         from klong_megatron.rl.servers import RolloutServers
         from klong_megatron.sandbox.pool import SandboxPool
+        from klong_megatron.tasks.workspace import staging_root
 
         jcfg = dataclasses.replace(
             self.cfg.judge,
@@ -139,6 +142,7 @@ class RLTrainer:
         )
         self.judge, self._judge_pool = build_judge(jcfg)
         await self.judge.__aenter__()
+        self.stage_root = staging_root()  # paper tasks' read-only copies (rl/paper_tasks.py)
         self.pool = SandboxPool(self.cfg.sandbox, self.cfg.rollout.concurrency)
         await asyncio.to_thread(self.pool.start)
         self.servers = RolloutServers(self.cfg.rollout, self._export(self.state.version))
@@ -176,6 +180,7 @@ class RLTrainer:
             await self.servers.close()
         if self.pool is not None:
             await asyncio.to_thread(self.pool.close)
+            shutil.rmtree(self.stage_root, ignore_errors=True)
         if self.judge is not None:
             await self.judge.__aexit__(None, None, None)
             if self._judge_pool is not None:
@@ -205,15 +210,18 @@ class RLTrainer:
         run = sandbox_rollout_fn(agent, self.pool, lambda sb: ToolSet(sb, tools_cfg), setup)
 
         async def rollout_and_judge(task: RolloutTask) -> Trajectory:
-            traj = await run(task)
             rl_task = self.by_id[task.meta["task"]]
+            if rl_task.paper_task is not None:  # own sandbox, blacklist, reproduction step (tasks/, eval/)
+                return await paper_rollout_and_grade(self, agent, rl_task.paper_task, task, tools_cfg, priority)
+            traj = await run(task)
             submission = Path(traj.meta["workdir"]) / SUBMISSION_DIR
             submission.mkdir(parents=True, exist_ok=True)  # nothing submitted is graded as empty
             result = await self.judge.grade(submission, rl_task.rubric, priority=priority, paper=rl_task.paper,
                                             addendum=rl_task.addendum)  # fmt: skip
-            traj.meta.update(
-                reward=result.score, judge_per_category=result.per_category, judge_invalid=list(result.invalid)
-            )
+            frac = invalid_fraction(result)
+            traj.meta.update(reward=result.score, judge_per_category=result.per_category,
+                             judge_invalid=list(result.invalid), judge_invalid_frac=frac,
+                             reward_excluded=frac > self.cfg.rl.max_invalid_frac)  # fmt: skip
             return traj
 
         return rollout_and_judge
@@ -231,7 +239,7 @@ class RLTrainer:
         """``n`` judged rollouts of each task, stored in ``rollouts/<name>.jsonl`` (finished ones reused)."""
         store = TrajectoryStore(self.out / "rollouts" / f"{name}.jsonl")
         rtasks = [
-            RolloutTask(f"{name}/{t.task_id}", t.messages, k, {"task": t.task_id, **(meta or {})})
+            RolloutTask(f"{name}/{t.task_id}", self._prompt(t, stage), k, {"task": t.task_id, **(meta or {})})
             for t in tasks
             for k in range(n)
         ]
@@ -244,6 +252,11 @@ class RLTrainer:
             self.logger.info(f"[yellow]{name}: {stats.failed} rollouts failed[/yellow]: {stats.errors[:3]}")
         wanted = {t.id for t in rtasks}
         return [t for t in read_trajectories(store.path) if t.id in wanted]
+
+    def _prompt(self, task: RLTask, stage: StageConfig) -> list:
+        c = self.cfg
+        return task.prompt(stage.timeout_s, workdir=c.sandbox.workdir, reproduce_timeout_s=c.reproduce.timeout_s,
+                           gpus=c.reproduce.sandbox.gpus)  # fmt: skip
 
     async def _iteration_rollouts(self, s: int, i: int) -> list[Trajectory]:
         stage = self.cfg.stages[s]
@@ -259,7 +272,8 @@ class RLTrainer:
         t0 = time.perf_counter()
         trajs = await self._collect(f"eval_{label}", self.eval_tasks, self.cfg.rl.eval_samples, stage, "eval",
                                     temperature=self.cfg.rl.eval_temperature)  # fmt: skip
-        score = float(np.mean([t.meta["reward"] for t in trajs])) if trajs else 0.0
+        counted = [t for t in trajs if not t.meta.get("reward_excluded")]
+        score = float(np.mean([t.meta["reward"] for t in counted])) if counted else 0.0
         metrics = {"score": score, **{f"category/{k}": v for k, v in _category_means(trajs).items()}}
         metrics["turns"] = float(np.mean([t.meta["turns"] for t in trajs])) if trajs else 0.0
         self.logger.log(self.state.log_step, metrics, prefix=f"eval/{label}")
@@ -323,7 +337,8 @@ class RLTrainer:
 
     def _update(self, trajs: list[Trajectory], s: int, i: int) -> dict[str, float]:
         a, c = self.cfg.algo, self.cfg
-        rollouts = [JudgedRollout(t, float(t.meta["reward"]), str(t.meta["task"])) for t in trajs]
+        rollouts = [JudgedRollout(t, float(t.meta["reward"]), str(t.meta["task"])) for t in trajs
+                    if not t.meta.get("reward_excluded")]  # judge could not grade enough of it: no reward  # fmt: skip
         rollouts = self._select_groups(rollouts, c.stages[s].tasks_per_iteration)
         windows, wstats = build_rl_windows(
             rollouts, self.ctx, mode=a.advantage_mode, eps=a.advantage_eps, filter_zero_variance=a.filter_zero_variance,
@@ -548,6 +563,9 @@ def _rollout_metrics(trajs: list[Trajectory]) -> dict[str, float]:
         "timeout_frac": float(np.mean([bool(t.meta.get("timed_out")) for t in trajs])),
         "tokens": float(np.sum([t.meta["tokens"] for t in trajs])),
         "submitted_frac": float(np.mean([t.meta.get("finish_reason") == "submitted" for t in trajs])),
+        "judge/excluded": float(sum(bool(t.meta.get("reward_excluded")) for t in trajs)),
+        "judge/invalid_frac": float(np.mean([t.meta.get("judge_invalid_frac", 0.0) for t in trajs])),
+        "blacklist_flagged": float(sum(bool(t.meta.get("blacklist_flagged")) for t in trajs)),
     }
     out |= {f"judge/{k}": v for k, v in _category_means(trajs).items()}
     return out

@@ -32,7 +32,9 @@ SUBMISSION = "submission"
 
 
 def _hours(s: float) -> str:
-    return f"{s / 3600:.1f} hours" if s >= 3600 else f"{s / 60:.0f} minutes"
+    if s >= 3600:
+        return f"{s / 3600:.1f} hours"
+    return f"{s / 60:.0f} minutes" if s >= 120 else f"{s:.0f} seconds"
 
 
 def instructions(

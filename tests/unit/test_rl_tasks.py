@@ -50,7 +50,7 @@ def test_paperbench_task_folders_load_with_their_real_rubrics(tmp_path):
     (tmp_path / rubrics[0].name.split(".")[0] / "blacklist.txt").write_text("https://github.com/x/y\n")
     train, held = build_task_sets(TasksConfig(source="dir", dir=str(tmp_path), num_eval=1))
     assert len(train) == len(rubrics) - 1 and len(held) == 1
-    assert held[0].meta["blacklist"].endswith("blacklist.txt")
+    assert held[0].meta["blacklist"] == ["https://github.com/x/y"]
     assert all(len(list(t.rubric.leaves())) > 10 for t in train + held)
 
 

@@ -1,0 +1,28 @@
+"""Paper tasks (``tasks.source=dir``) in the RL loop: rollout in the task's own sandbox, then grading.
+
+Dataflow: RolloutTask -> tasks/rollout.paper_rollout (fresh sandbox, /paper read-only, the task's
+blacklist in the ToolSet) -> eval/grading.grade_paper_rollout (monitor: flagged -> reward 0;
+reproduce.sh in a fresh ``reproduce.sandbox``; judge at the given priority; invalid share above
+``rl.max_invalid_frac`` -> ``reward_excluded``) -> the judged Trajectory the trainer stores.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from klong_megatron.config.sandbox import ToolsConfig
+from klong_megatron.data.trajectory import Trajectory
+from klong_megatron.eval.grading import grade_paper_rollout
+from klong_megatron.rollout.manager import RolloutTask
+from klong_megatron.tasks.paperbench import PaperTask
+from klong_megatron.tasks.rollout import paper_rollout
+
+
+async def paper_rollout_and_grade(
+    trainer: Any, agent: Any, task: PaperTask, rtask: RolloutTask, tools: ToolsConfig, priority: str
+) -> Trajectory:
+    """One judged rollout of a paper task for ``trainer`` (an RLTrainer: cfg, judge, stage_root)."""
+    c = trainer.cfg
+    traj = await paper_rollout(agent, task, rtask, sandbox=c.sandbox, tools=tools, stage_root=trainer.stage_root)
+    return await grade_paper_rollout(traj, task, trainer.judge, reproduce_cfg=c.reproduce, priority=priority,
+                                     max_invalid_frac=c.rl.max_invalid_frac)  # fmt: skip
