@@ -113,21 +113,31 @@ def format_file(path: str, text: str) -> str:
     return f"<FILE:{path}>\n{body}\n</FILE:{path}>"
 
 
-def pack_files(counter: TokenCounter, sub: Submission, ranked: Sequence[str], budget: int) -> tuple[str, list[str]]:
+def pack_files(
+    counter: TokenCounter,
+    sub: Submission,
+    ranked: Sequence[str],
+    budget: int,
+    memo: dict[str, tuple[str, int]] | None = None,
+) -> tuple[str, list[str]]:
     """Concatenate the first :data:`MAX_FILES` of ``ranked`` (each read up to 200 kB) into ``budget`` tokens.
 
     Returns (text, paths shown). The file that would overflow the budget is cut (at a line end) and ends
-    the list; files that cannot be read are skipped.
+    the list; files that cannot be read are skipped. ``memo`` keeps each file's block and token count
+    between the leaves of one submission (tokenizing is the expensive part).
     """
+    memo = {} if memo is None else memo
     parts: list[str] = []
     shown: list[str] = []
     used = 0
     for rel in ranked[:MAX_FILES]:
-        try:
-            block = format_file(rel, sub.read(rel, FILE_BYTES)) + "\n\n"
-        except OSError:
-            continue
-        n = counter.count(block)
+        if rel not in memo:
+            try:
+                block = format_file(rel, sub.read(rel, FILE_BYTES)) + "\n\n"
+            except OSError:
+                continue
+            memo[rel] = (block, counter.count(block))
+        block, n = memo[rel]
         if used + n > budget:
             cut = counter.truncate(block, budget - used).rsplit("\n", 1)[0]
             if cut.strip():

@@ -75,7 +75,8 @@ class _Context:
     budgets: dict[str, int]
     touched: bool
     script_tokens: int = 0
-    meta: dict[str, Any] = field(default_factory=dict)
+    blocks: dict[str, tuple[str, int]] = field(default_factory=dict)
+    """Each file's prompt block and its token count, filled as leaves ask for files."""
 
 
 class LLMGrader:
@@ -252,7 +253,8 @@ class LLMGrader:
             elif selection == "default":
                 selection = "default (ranking reply named no candidate file)"
         budget = ctx.budgets[cat] - ctx.script_tokens
-        text, shown = evidence.pack_files(self.counter, task.submission, order[: self.max_ranked_files], budget)
+        picked = order[: self.max_ranked_files]
+        text, shown = evidence.pack_files(self.counter, task.submission, picked, budget, ctx.blocks)
         return text, shown, selection
 
     async def _parse(self, reply: str, priority: str, usage: Usage) -> tuple[int, str, str]:

@@ -2,9 +2,10 @@
 
 A real HTTP server (stdlib, threaded, HTTP/1.1 keep-alive) speaking the real protocol:
 ``POST /v1/chat/completions`` -> ``{"choices": [{"message": {"role": "assistant", "content": ...}}]}``,
-``GET /health``, ``GET /v1/models``; ``usage`` counts characters, not tokens. What it answers is scripted
-by the test through a ``responder`` (request body -> :class:`Reply` or reply text); it can also answer malformed text, HTTP errors,
-or drop the connection. It does not run any model: it exists only for tests and benchmarks.
+``GET /health``, ``GET /v1/models``; ``usage`` counts characters, not tokens. What it answers is
+scripted by the test through a ``responder`` (request body -> :class:`Reply` or reply text); it can also
+answer malformed text, HTTP errors, or drop the connection. It does not run any model: it exists only
+for tests and benchmarks.
 """
 
 from __future__ import annotations
