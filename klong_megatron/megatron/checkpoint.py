@@ -7,8 +7,9 @@ Layout of ``save_dir``::
     save_dir/latest                 text file: the step of the newest complete checkpoint
 
 A checkpoint is resharded on load (saved at TP=2, loaded at TP=1 works). RNG states are one
-``ShardedObject`` per (pipeline, tensor) rank, replicated over data-parallel ranks (all DP ranks share
-the seed). The distributed optimizer state is saved ``dp_reshardable``. A save writes ``iter_N.partial``;
+``ShardedObject`` per (pipeline, tensor) rank, replicated over data- and context-parallel ranks (they share
+the seed). The distributed optimizer state is saved ``fully_reshardable`` (resumable at another TP/PP/DP
+layout); a checkpoint's own format (its content metadata) is used on load. A save writes ``iter_N.partial``;
 after every rank finished, rank 0 renames it to ``iter_N`` and then writes ``latest``, so a run killed
 mid-save resumes from the previous checkpoint and an ``iter_N`` directory is always complete.
 
@@ -21,6 +22,7 @@ For inference (dev server, RL reference model) :func:`load_model_weights` loads 
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing as mp
 import os
 import random
@@ -40,8 +42,12 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+# fully_reshardable: the distributed optimizer's state in model-parameter shape (gathered over DP on save,
+# sliced per rank on load), so a checkpoint resumes at any TP/PP/DP layout (megatron-core 0.16.1
+# ``DistributedOptimizer.sharded_state_dict``); dp_reshardable (older checkpoints) only across DP.
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 DEFERRED_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,12 +95,23 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _sharded_rng(state: dict[str, Any] | None) -> ShardedObject:
+    """One RNG object per (PP, TP) rank, replicated over DP x CP ranks (Megatron's ``get_rng_state``:
+    ``replica_id = data-parallel rank with context parallelism``; without CP, CP > 1 saves duplicate keys)."""
     pp, tp = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()
     pp_n, tp_n = (
         parallel_state.get_pipeline_model_parallel_world_size(),
         parallel_state.get_tensor_model_parallel_world_size(),
     )
-    return ShardedObject("rng_state", state, (pp_n, tp_n), (pp, tp), replica_id=parallel_state.get_data_parallel_rank())
+    replica = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+    return ShardedObject("rng_state", state, (pp_n, tp_n), (pp, tp), replica_id=replica)
+
+
+def _layout() -> dict[str, int]:
+    """The model-parallel layout a checkpoint is saved at (kept in its content metadata)."""
+    return {
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+    }
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -103,16 +120,27 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _state_dict(model, optimizer, scheduler, train_state: TrainState | None, *, loading: bool) -> dict:
+def _state_dict(
+    model,
+    optimizer,
+    scheduler,
+    train_state: TrainState | None,
+    *,
+    loading: bool,
+    metadata: dict | None = None,
+    rng: bool = True,
+) -> dict:
     model_sd = _unwrap(model).sharded_state_dict()
     sd: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:
-        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=_OPTIM_METADATA)
+        metadata = metadata or _OPTIM_METADATA
+        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=loading, metadata=metadata)
     if scheduler is not None:
         sd["scheduler"] = scheduler.state_dict()
     if train_state is not None:
         sd["train_state"] = vars(train_state).copy()
-        sd["rng_state"] = _sharded_rng(None if loading else _rng_state())
+        if rng:
+            sd["rng_state"] = _sharded_rng(None if loading else _rng_state())
     return sd
 
 
@@ -203,7 +231,7 @@ def save_checkpoint(save_dir: str | Path, model, optimizer, scheduler, train_sta
             partial.mkdir(parents=True)
         dist.barrier()
         sd = _state_dict(model, optimizer, scheduler, train_state, loading=False)
-        dist_checkpointing.save(sd, str(partial), content_metadata=_OPTIM_METADATA)
+        dist_checkpointing.save(sd, str(partial), content_metadata={**_OPTIM_METADATA, **_layout()})
         dist.barrier()
         if dist.get_rank() == 0:
             _publish(partial, path)
@@ -212,6 +240,43 @@ def save_checkpoint(save_dir: str | Path, model, optimizer, scheduler, train_sta
             tmp.replace(Path(save_dir) / "latest")
         dist.barrier()
     return path
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer per-parameter state before its sharded state dict is built.
+
+    Without TE/Apex, megatron-core 0.16.1's ``DistributedOptimizer.state_dict`` reads Adam's step from the
+    torch optimizer's state (``assert len(steps) == 1``), which is empty before the first step. Megatron's
+    own dummy initialisation fills it; the load then overwrites every value (model weights are loaded too).
+    """
+    from megatron.core.optimizer import distrib_optimizer
+
+    _keep_torch_adam_step(distrib_optimizer)
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, distrib_optimizer.DistributedOptimizer) and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def _keep_torch_adam_step(module) -> None:
+    """Without TE/Apex, torch Adam keeps a per-parameter ``step`` tensor that megatron-core 0.16.1's
+    ``load_parameter_state_from_fully_reshardable`` leaves out of the tensors it hands to
+    ``_set_main_param_and_optimizer_states``, which then raises KeyError('step'). The step is already
+    restored from the param groups by ``DistributedOptimizer.load_state_dict``: keep it. Idempotent."""
+    cls = module.DistributedOptimizer
+    if module.HAVE_APEX_OR_TE or getattr(cls, "_klong_keeps_step", False):
+        return
+    original = cls._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        step = self.optimizer.state[main_param].get("step")
+        if "step" not in tensors and step is not None:
+            tensors = {**tensors, "step": step}
+        return original(self, model_param, tensors)
+
+    cls._set_main_param_and_optimizer_states = set_states
+    cls._klong_keeps_step = True
 
 
 def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None) -> TrainState:
@@ -226,7 +291,16 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None) -> 
     if not path.is_dir() or not (path / "metadata.json").exists():
         raise FileNotFoundError(f"no checkpoint at {path} (expected a dist_checkpointing directory or a save_dir)")
     full = optimizer is not None
-    sd = _state_dict(model, optimizer, scheduler, TrainState() if full else None, loading=True)
+    if full:
+        _materialize_optimizer_state(optimizer)
+    metadata = dist_checkpointing.load_content_metadata(str(path)) or {"distrib_optim_sharding_type": "dp_reshardable"}
+    saved = {k: metadata.get(k, v) for k, v in _layout().items()}
+    same_layout = saved == _layout()
+    if full and not same_layout:  # RNG states are per (PP, TP) rank: Megatron skips them on a layout change too
+        log.warning("checkpoint %s saved at %s, loading at %s: RNG states not restored", path, saved, _layout())
+    sd = _state_dict(
+        model, optimizer, scheduler, TrainState() if full else None, loading=True, metadata=metadata, rng=same_layout
+    )
     loaded = dist_checkpointing.load(sd, str(path))
     _unwrap(model).load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
@@ -235,10 +309,18 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None) -> 
         scheduler.load_state_dict(loaded["scheduler"])
     if not full:
         return TrainState()
-    _set_rng_state(loaded["rng_state"].data if hasattr(loaded["rng_state"], "data") else loaded["rng_state"])
+    if same_layout:
+        rng_state = loaded["rng_state"]
+        _set_rng_state(rng_state.data if hasattr(rng_state, "data") else rng_state)
     return TrainState(**loaded["train_state"])
 
 
-def load_model_weights(path: str | Path, model: torch.nn.Module) -> None:
-    """Load only the model weights (inference: dev server, reference model). See :func:`load_checkpoint`."""
+def load_model_weights(path: str | Path, model: torch.nn.Module, optimizer=None) -> None:
+    """Load only the model weights (reference model, SFT -> RL handoff). See :func:`load_checkpoint`.
+
+    Pass the model's ``optimizer`` when it exists already: in bf16 it keeps fp32 main params copied
+    at construction, which its next step would write back over the loaded weights; they are reloaded
+    from the model here (``reload_model_params``)."""
     load_checkpoint(path, model)
+    if optimizer is not None:
+        optimizer.reload_model_params()

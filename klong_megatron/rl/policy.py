@@ -70,7 +70,7 @@ class Policy:
         loaded weights; otherwise its next step would write the weights from before the load back."""
         if not Path(path).exists():
             raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-        ckpt.load_model_weights(path, self.model)
+        ckpt.load_model_weights(path, self.model, self.optimizer)  # bf16: fp32 main params reloaded too
         self.optimizer.reload_model_params()
 
     def scale_lr(self, factor: float) -> float:
