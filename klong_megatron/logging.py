@@ -115,6 +115,16 @@ class MetricsLogger:
 
             self.run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
 
+    def log_files(self, name: str, paths: list[Path], kind: str) -> None:
+        """Files (e.g. viewer pages) as one W&B artifact ``name`` of type ``kind``; nothing without W&B."""
+        if self.enabled and self.run is not None and paths:
+            import wandb
+
+            art = wandb.Artifact(name, type=kind)
+            for p in paths:
+                art.add_file(str(p))
+            self.run.log_artifact(art)
+
     def info(self, message: str) -> None:
         if self.enabled:
             self.console.print(message)

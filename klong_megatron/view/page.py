@@ -39,3 +39,24 @@ def render_page(payload: dict[str, Any], fold_chars: int = 2000) -> str:
         f'<script id="klong-data" type="application/json">{data}</script>'
         f"<script>{js.replace('%FOLD%', str(int(fold_chars)))}</script></body></html>"
     )
+
+
+def write_best_and_worst(trajs: list, renderer: Any, policy: Any, out_dir: Path, label: str) -> list[Path]:
+    """Pages of the best and the worst rollout of ``trajs`` (by ``meta.reward``) as
+    ``<out_dir>/<label>_{best,worst}.html``; the RL trainer logs them to W&B. Returns the paths written."""
+    from klong_megatron.atomic import atomic_output
+    from klong_megatron.view.data import trajectory_payload
+
+    if not trajs:
+        return []
+    ranked = sorted(trajs, key=lambda t: float(t.meta.get("reward", 0.0)))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for which, traj in (("best", ranked[-1]), ("worst", ranked[0])):
+        payload = {"title": f"{label} {which}", "trajectories": [trajectory_payload(traj, renderer, policy)],
+                   "grades": []}  # fmt: skip
+        path = out_dir / f"{label}_{which}.html"
+        with atomic_output(path) as tmp:
+            tmp.write_text(render_page(payload), encoding="utf-8")
+        paths.append(path)
+    return paths

@@ -118,6 +118,10 @@ def test_rl_run_is_killed_mid_stage_and_resumes_without_rejudging(tmp_path: Path
     (id_a, steps_a), (id_b, steps_b) = read_run(stopped_run), read_run(run_dir)
     assert id_a == id_b == (out / "wandb_run_id").read_text().strip()
     assert steps_a and steps_b and min(steps_b) > max(steps_a), (steps_a, steps_b)
+    # Each iteration's best and worst rollout as klong-view pages, logged as a W&B artifact.
+    pages = sorted(p.name for p in (out / "view").glob("stage0_iter*.html"))
+    assert "stage0_iter0003_best.html" in pages and "stage0_iter0003_worst.html" in pages, pages
+    assert b"rollouts-stage0-iter0003" in b"".join(p.read_bytes() for p in run_dir.glob("*.wandb"))
     deadline = time.monotonic() + 60  # the W&B service may still be flushing
     while b"rl/stage0/samples" not in b"".join(p.read_bytes() for p in run_dir.glob("*.wandb")):
         assert time.monotonic() < deadline, "no sample-trajectory table in the W&B run"

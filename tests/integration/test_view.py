@@ -17,23 +17,13 @@ from klong_megatron.config.data import ContextPolicyConfig
 from klong_megatron.config.rollout import SamplingConfig
 from klong_megatron.data.context import ContextPolicy
 from klong_megatron.data.split import split_trajectory
-from klong_megatron.data.trajectory import Message, ToolCall, Trajectory, write_jsonl
+from klong_megatron.data.synthetic import tool_trajectory
+from klong_megatron.data.trajectory import write_jsonl
 from klong_megatron.judge.rubric import load_rubric
 from klong_megatron.rollout.agent import AgentLoop
 
 ROOT = Path(__file__).resolve().parents[2]
 TASK = ROOT.parent / "shared" / "data" / "paperbench_tasks" / "mechanistic-understanding"
-
-
-def long_trajectory(turns: int = 700) -> Trajectory:
-    """A paper-task-shaped trajectory: ``turns`` tool calls with outputs of 1 to 120 lines."""
-    msgs = [Message("system", "You are a research agent."), Message("user", "Reproduce the paper.")]
-    for k in range(turns):
-        call = ToolCall("bash", json.dumps({"command": f"python step_{k}.py"}), f"call_{k}")
-        msgs.append(Message("assistant", f"Step {k}: run the next script.", tool_calls=(call,)))
-        lines = "\n".join(f"epoch {i} loss {1 / (i + k + 1):.4f} ü" for i in range(1 + (k * 37) % 120))
-        msgs.append(Message("tool", lines, tool_call_id=f"call_{k}", name="bash"))
-    return Trajectory("long-700", msgs, {"source": "test"})
 
 
 def open_page(chromium: str, page: Path, fragment: str = "", shot: Path | None = None) -> dict[str, str]:
@@ -57,7 +47,7 @@ def open_page(chromium: str, page: Path, fragment: str = "", shot: Path | None =
 
 @pytest.mark.browser
 def test_700_turn_trajectory_page_shows_every_turn_and_window(tmp_path: Path, chromium_bin: str) -> None:
-    traj = long_trajectory()
+    traj = tool_trajectory(700)
     write_jsonl(tmp_path / "long.jsonl", [traj.to_json()])
     with pytest.raises(SystemExit) as done:
         view_main([str(tmp_path / "long.jsonl"), "-o", str(tmp_path / "long.html"), "--max-len", "4096",
