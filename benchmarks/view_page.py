@@ -63,7 +63,7 @@ def main() -> None:
             t = payload["trajectories"][0]
             lazy_ms, eager_ms = ([ready_ms(chromium, p) for _ in range(args.repeats)] for p in (lazy, eager))
             table.add_row(str(turns), f"{len(t['tok']):,}", str(len(t["windows"])), f"{len(html) / 1e6:.1f}",
-                          f"{build:.2f}", f"{statistics.median(lazy_ms):.0f}", f"{statistics.median(eager_ms):.0f}")  # fmt: skip
+                          f"{build:.2f}", *(f"{statistics.median(ms):.0f}" for ms in (lazy_ms, eager_ms)))  # fmt: skip
     Console().print(table)
 
 
