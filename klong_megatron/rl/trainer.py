@@ -54,6 +54,7 @@ from klong_megatron.rl.windows import JudgedRollout, build_rl_windows, pack_rows
 from klong_megatron.rollout.agent import AgentLoop, sandbox_rollout_fn
 from klong_megatron.rollout.manager import RolloutManager, RolloutTask
 from klong_megatron.rollout.store import TrajectoryStore
+from klong_megatron.view.page import write_best_and_worst
 
 
 @dataclasses.dataclass
@@ -386,6 +387,9 @@ class RLTrainer:
             pending = await self._check_health(s, i, metrics, pending)
             self.logger.log(st.log_step, metrics, prefix=f"rl/stage{s}")
             self.logger.log_table(st.log_step, f"rl/stage{s}/samples", list(_SAMPLE_COLUMNS), _sample_rows(trajs))
+            if self.logger.run is not None:  # klong-view pages of the best and worst rollout, as a W&B artifact
+                pages = write_best_and_worst(trajs, self.renderer, self.ctx, self.out / "view", f"stage{s}_iter{i:04d}")
+                self.logger.log_files(f"rollouts-stage{s}-iter{i:04d}", pages, "klong-view")
             if self.cfg.rl.eval_every and (i + 1) % self.cfg.rl.eval_every == 0 and i + 1 < stage.iterations:
                 await self.evaluate(f"stage{s}_iter{i + 1}", stage)
             self._add_wall(f"stage{s}", t0)
