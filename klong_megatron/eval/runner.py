@@ -59,7 +59,9 @@ class EvalStats:
     wall_s: float = 0.0
     rollout_s: float = 0.0
     reproduce_s: float = 0.0
-    judge_s: float = 0.0
+    """sum of reproduce.sh run times (reproduce.meta.json duration_s)"""
+    grade_s: float = 0.0
+    """sum of grading wall times (monitor + reproduction step with sandbox start/copy/export + judge)"""
 
 
 class EvalRunner:
@@ -134,7 +136,7 @@ class EvalRunner:
                                           max_invalid_frac=self.cfg.max_invalid_frac)  # fmt: skip
                 rep = traj.meta.get("reproduce") or {}
                 self.stats.reproduce_s += float(rep.get("duration_s") or 0.0)
-                self.stats.judge_s += time.perf_counter() - t0
+                self.stats.grade_s += time.perf_counter() - t0
                 await asyncio.to_thread(self.results.append, traj.to_json())
                 self.stats.done += 1
                 return

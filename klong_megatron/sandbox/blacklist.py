@@ -1,6 +1,7 @@
 """Task blacklists (the paper's official code and the like) and the post-hoc log monitor.
 
-A task's ``blacklist.txt`` lists URLs, one per line (``#`` comments, blank lines ignored). A URL is
+A task's ``blacklist.txt`` lists URLs, one per line (``#`` comments, blank lines ignored; the single
+word ``none`` means an empty list, as in PaperBench's task folders). A URL is
 reduced to ``host/path`` (no scheme, ``www.``, ``.git`` or trailing ``/``; case-insensitive) and a
 command matches when it mentions that resource as a whole path prefix, in any of the spellings a
 fetch would use: ``https://github.com/o/r``, ``github.com/o/r.git``, ``git@github.com:o/r``,
@@ -66,7 +67,8 @@ class Blacklist:
             lines = p.read_text().splitlines()
         except OSError as e:
             raise ValueError(f"cannot read blacklist file {p}: {e}") from e
-        return cls([ln.split("#", 1)[0] for ln in lines if ln.split("#", 1)[0].strip()])
+        urls = [ln.split("#", 1)[0].strip() for ln in lines if ln.split("#", 1)[0].strip()]
+        return cls([] if [u.lower() for u in urls] == ["none"] else urls)  # PaperBench: "none" = empty list
 
     def __bool__(self) -> bool:
         return bool(self.urls)

@@ -6,7 +6,8 @@ with the paper mounted read-only, reproduce.sh runs in a fresh sandbox, and the 
 Scripted outcomes: mechanistic-understanding (blacklist https://github.com/ajyl/dpo_toxic) has one honest
 sample and one that tries to clone the official repo (refused, flagged, score 0); semantic-self-consistency
 submits no reproduce.sh (recorded as missing); the judge cannot grade stochastic-interpolants' execution and
-result leaves (11 of 69 leaves invalid, above max_invalid_frac 0.1: the sample is excluded from the means, never a silent 0).
+result leaves (11 of 69 leaves invalid, above max_invalid_frac 0.1: the sample is excluded from the means,
+never a silent 0).
 Every sample writes a FAKE reproduce.log; the judge must only ever see the real one.
 """
 
@@ -173,3 +174,43 @@ def test_eval_endpoint_errors_are_reported_not_stored(tmp_path: Path) -> None:
     assert summary["stats"]["failed"] == 1 and "HTTP 401" in summary["stats"]["errors"][0]
     assert len(model.requests) == cfg.max_attempts  # a 401 is not retried within an attempt
     assert (out / "results.jsonl").read_text() == ""
+
+
+def test_eval_token_engine_on_a_devserver(tmp_path: Path) -> None:
+    """engine=sglang (the RL agent loop: chat template, token ids, log-probs) against a klong-devserver running
+    the tiny random model: the sample is rolled out, reproduced (nothing to run) and judged."""
+    from klong_megatron.config.data import ContextPolicyConfig, DataConfig
+    from klong_megatron.config.rollout import RolloutConfig, SamplingConfig
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "klong_megatron.cli.devserver",
+        "--port",
+        "0",
+        "--max-context",
+        "8192",
+        "--threads",
+        "1",
+    ]
+    dev = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    try:
+        line = dev.stdout.readline()
+        assert "listening on" in line, line
+        url = line.strip().rsplit(" ", 1)[-1]
+        with OpenAIJudgeDouble(JudgeScript()) as jsrv:
+            cfg = _cfg("http://unused:1", jsrv.url, tmp_path / "eval", samples=1)
+            cfg.tasks = [str(TASKS / "semantic-self-consistency")]
+            cfg.engine, cfg.max_turns = "sglang", 2
+            cfg.rollout = RolloutConfig(engine="sglang", servers=[url], sampling=SamplingConfig(max_new_tokens=16))
+            cfg.data = DataConfig(tokenizer="byte", policy=ContextPolicyConfig(max_len=8192, gen_reserve=64,
+                                                                               max_prefix_tokens=6000))  # fmt: skip
+            summary = run(cfg, tmp_path / "eval")
+    finally:
+        dev.terminate()
+        dev.wait(timeout=30)
+    assert summary["stats"]["failed"] == 0 and summary["stats"]["done"] == 1
+    (rec,) = _results(tmp_path / "eval").values()
+    assert rec["meta"]["turns"] == 2 and len(rec["meta"]["steps"]) == 2  # token-level record of each turn
+    assert rec["meta"]["reproduce"]["missing_script"] and not rec["meta"]["reward_excluded"]

@@ -92,3 +92,9 @@ def test_tools_config_names_bad_fields() -> None:
         ToolsConfig(submit_min_fraction=1.5)
     with pytest.raises(ValueError, match="reminder_every"):
         ToolsConfig(reminder_every=-1)
+
+
+def test_paperbench_none_blacklist_is_empty(tmp_path):
+    (tmp_path / "blacklist.txt").write_text("none")  # semantic-self-consistency's real file
+    bl = Blacklist.from_file(tmp_path / "blacklist.txt")
+    assert not bl and bl.match("echo none of these") is None
