@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -15,15 +15,26 @@ class ContextPolicyConfig:
     max_len: int = MISSING
     """Budget of one window / one model context."""
     overlap: int = 0
-    """Consecutive windows share at least this much context (whole messages, when the budget allows)."""
+    """Every window after the first shares at least min(overlap, room) tokens of context with the previous one
+    (room: what it holds besides its new messages); the most recent messages, the oldest of them elided
+    (head + tail) when whole ones do not fit. The observations that open a window do not count."""
     prefix_turns: int = 0
     """Extend the default pinned prefix (system + first user) by this many assistant turns."""
     max_prefix_tokens: int | None = None
     """Cap on the pinned prefix; None means max_len // 2."""
+    pin_reading: bool = False
+    """Pin the task AND the reading that starts the trajectory (KLong: the paper): every turn before the first
+    call of a ``write_tools`` tool or a later user message joins the pinned prefix from the next window on,
+    capped at max_prefix_tokens (a longer reading is kept as head + tail with a marker)."""
+    write_tools: list[str] = field(default_factory=lambda: ["write_file", "edit_file", "submit"])
+    """Tools whose first call ends the reading (pin_reading)."""
     keep_full_turns: int | None = None
-    """Tool outputs older than the last k turns in carried-over context become head+tail excerpts."""
+    """Progressive truncation: in carried context, tool outputs older than the last k turns become head+tail
+    excerpts of excerpt_tokens, halved for every further k turns of age."""
     excerpt_tokens: int = 64
     """Size of such an excerpt (head + marker + tail)."""
+    carry_tokens: int | None = None
+    """Carried context a new window fills (older turns at decreasing fidelity); None means just ``overlap``."""
     gen_reserve: int = 0
     """Room kept free for the next assistant turn (rollouts: max_new_tokens)."""
     train_overlap: bool = False
@@ -34,8 +45,8 @@ class ContextPolicyConfig:
             return
         if self.max_len < 16:
             raise ValueError(f"max_len must be >= 16, got {self.max_len}")
-        for name in ("overlap", "prefix_turns", "gen_reserve"):
-            if getattr(self, name) < 0:
+        for name in ("overlap", "prefix_turns", "gen_reserve", "carry_tokens"):
+            if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_prefix_tokens is not None and not 0 < self.max_prefix_tokens < self.max_len:
             raise ValueError(f"max_prefix_tokens must be in (0, max_len={self.max_len}), got {self.max_prefix_tokens}")
@@ -47,6 +58,15 @@ class ContextPolicyConfig:
     @property
     def prefix_cap(self) -> int:
         return self.max_prefix_tokens if self.max_prefix_tokens is not None else self.max_len // 2
+
+
+def policy_differences(a: ContextPolicyConfig, b: ContextPolicyConfig) -> list[str]:
+    """Fields where two context policies differ, as ``"name: a_value != b_value"`` (empty: the same policy)."""
+    return [
+        f"{f.name}: {getattr(a, f.name)!r} != {getattr(b, f.name)!r}"
+        for f in fields(ContextPolicyConfig)
+        if getattr(a, f.name) != getattr(b, f.name)
+    ]
 
 
 @dataclass

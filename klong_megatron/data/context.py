@@ -1,22 +1,27 @@
 """ContextPolicy: the one algorithm that decides what the model sees (KLong trajectory splitting).
 
-Dataflow: rendered messages (token ids + assistant mask + positions) -> ``ContextState.add`` one by
-one -> windows. The SFT splitter feeds a whole trajectory; the agent loop feeds messages as they happen
-and asks ``ContextState.context(reserve)`` for the tokens to generate from. Both run this same code,
+Dataflow: rendered messages (token ids + assistant mask + positions + tool names) -> ``ContextState.add``
+one by one -> windows. The SFT splitter feeds a whole trajectory; the agent loop feeds messages as they
+happen and asks ``ContextState.context(reserve)`` for the tokens to generate from. Both run this same code,
 so every training window is a context the model really sees at inference (and, for rollouts, the
 context its log-probs were computed in).
 
 A window is ``pinned prefix + [truncation marker] + carried context + new messages``:
 - pinned prefix: the messages marked ``pinned`` (a leading run), else the system + first user message,
-  extended by the first ``prefix_turns`` assistant turns while it stays within ``prefix_cap`` tokens.
-  A base prefix over the cap is an error (ValueError naming the trajectory and sizes).
+  extended by the first ``prefix_turns`` assistant turns while it stays within ``prefix_cap`` tokens (a base
+  prefix over the cap is an error naming the trajectory and sizes). With ``pin_reading`` the reading that
+  starts the trajectory (every turn before the first ``write_tools`` call or a later user message) joins
+  the prefix from the first window that starts after the reading ended (that window shares the reading's
+  tail through its prefix instead of carried context); over the cap it is kept as head messages + one
+  elided message + tail messages.
 - a window grows message by message. Before an assistant message needing ``need = max(gen_reserve,
   its length)`` tokens, if the context plus ``need`` exceeds ``max_len`` the window is closed (it ends
-  with its last assistant message) and a new one starts: prefix + marker + the most recent whole
-  messages of the old context totalling at least ``overlap`` tokens (fewer, oldest dropped first,
-  when the budget does not allow). Older history is dropped whole-message by whole-message and
-  replaced by the rendered marker. With ``keep_full_turns = k``, tool outputs older than the last k
-  turns are cut to head+tail excerpts when carried over (progressive truncation); within a window the
+  with its last assistant message) and a new one starts: prefix + marker + carried + the observations
+  after the closed window's last turn ("openers", not shared). Carried = the closed window's most recent
+  messages totalling at least ``min(max(overlap, carry_tokens), room)`` tokens, room being what the new
+  window holds besides the openers and ``need``; the oldest one elided (head + tail) when a whole one does
+  not fit. Progressive truncation (``keep_full_turns = k``): carried tool outputs older than the last k
+  turns become excerpts of ``excerpt_tokens``, halved for every further k turns. Within a window the
   context only grows, so it is a single valid inference context.
 - a single message longer than the room it can have is elided to head + marker + tail: an assistant
   message to the room after prefix and marker, any other message to half the room left after the
@@ -24,7 +29,8 @@ A window is ``pinned prefix + [truncation marker] + carried context + new messag
 - loss: assistant tokens are trained in the window where they are new (and prefix turns in window 0);
   with ``train_overlap`` also in every window that carries them. Markers are never trained.
 
-Limits: assistant tokens removed by elision are never trained (``Window.elided`` counts them).
+Limits: assistant tokens removed by elision are never trained (``Window.elided`` counts them); the reading
+is recognised by tool names only (a bash command that writes a file does not end it).
 """
 
 from __future__ import annotations
@@ -55,6 +61,8 @@ class Piece:
     """index of each token in the full rendering, -1 for inserted marker tokens"""
     lost: int = 0
     """generated tokens removed by elision"""
+    tools: tuple[str, ...] = ()
+    """names of the tools an assistant message calls"""
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -77,6 +85,8 @@ class Window:
     """(message index or -1, prefix|marker|carried|new, start, end) in window coordinates"""
     elided: int = 0
     """assistant tokens of the new messages removed by elision (never trained)"""
+    excerpted: int = 0
+    """carried messages cut to excerpts by progressive truncation"""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -109,7 +119,25 @@ def elide(piece: Piece, budget: int, marker: np.ndarray) -> Piece:
     ids[head : head + len(marker)] = marker
     mask = cut(piece.mask, 0)
     lost = piece.lost + int(piece.mask.sum()) - int(mask.sum())
-    return Piece(piece.msg, piece.role, ids, mask, cut(piece.pos, -1), lost)
+    return Piece(piece.msg, piece.role, ids, mask, cut(piece.pos, -1), lost, piece.tools)
+
+
+def fit_pieces(pieces: list[Piece], budget: int, marker: np.ndarray) -> list[Piece]:
+    """At most ``budget`` tokens of ``pieces``: whole head messages (up to half), whole tail messages, and
+    the first message that fits neither elided into what is left (the messages between it and the tail go)."""
+    if sum(map(len, pieces)) <= budget:
+        return pieces
+    head, tail, used, i, j = [], [], 0, 0, len(pieces)
+    while i < j and used + len(pieces[i]) <= budget // 2:
+        used += len(pieces[i])
+        head.append(pieces[i])
+        i += 1
+    while j > i and used + len(pieces[j - 1]) <= budget:
+        used += len(pieces[j - 1])
+        tail.insert(0, pieces[j - 1])
+        j -= 1
+    mid = [elide(pieces[i], budget - used, marker)] if i < j and budget - used >= len(marker) + 2 else []
+    return head + mid + tail
 
 
 class ContextPolicy:
@@ -143,15 +171,29 @@ class ContextState:
         self._pinned_mode: bool | None = None
         self._seen_user = False
         self._prefix_turns = 0
+        self.reading: list[Piece] | None = [] if self.cfg.pin_reading else None
+        """pin_reading: messages of the reading so far (None once it ended or when off)"""
+        self.next_prefix: list[Piece] | None = None
+        """the prefix of windows that start from now on (pin_reading, after the reading ended)"""
         self.body: list[tuple[Piece, str]] = []  # (piece, CARRIED|NEW)
         self.body_len = 0
         self.marked = False  # current window carries the truncation marker
+        self.excerpted = 0  # carried messages cut by progressive truncation in the current window
         self.next_msg = 0
 
     # -- public API --------------------------------------------------------------------------------
-    def add(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, role: str, pinned: bool = False) -> None:
-        """Append the next message's tokens (``ids``/``mask``/``pos`` of equal length)."""
-        piece = Piece(self.next_msg, role, np.asarray(ids), np.asarray(mask), np.asarray(pos))
+    def add(
+        self,
+        ids: np.ndarray,
+        mask: np.ndarray,
+        pos: np.ndarray,
+        role: str,
+        pinned: bool = False,
+        tools: tuple[str, ...] = (),
+    ) -> None:
+        """Append the next message's tokens (``ids``/``mask``/``pos`` of equal length); ``tools``: the names of
+        the tools an assistant message calls (pin_reading)."""
+        piece = Piece(self.next_msg, role, np.asarray(ids), np.asarray(mask), np.asarray(pos), 0, tuple(tools))
         self.next_msg += 1
         need = max(self.cfg.gen_reserve, len(piece)) if role == "assistant" else len(piece)
         if self.prefix_open:
@@ -173,6 +215,7 @@ class ContextState:
             piece = elide(piece, (self._avail() - self.cfg.gen_reserve) // 2, self.policy.elision_ids)
         self.body.append((piece, NEW))
         self.body_len += len(piece)
+        self._read(piece)
 
     def context(self, reserve: int | None = None) -> np.ndarray:
         """Tokens the model sees before generating its next turn, leaving ``reserve`` tokens free
@@ -230,9 +273,23 @@ class ContextState:
                 f"{self.prefix_len}-token prefix, marker and gen_reserve={self.cfg.gen_reserve}"
             )
 
+    def _read(self, piece: Piece) -> None:
+        """pin_reading: collect the reading; after its last message, fix the prefix of the next windows."""
+        if self.reading is None:
+            return
+        if piece.role == "user" or any(t in self.cfg.write_tools for t in piece.tools):
+            done, self.reading = self.reading, None
+            free = self.cfg.max_len - len(self.policy.marker_ids) - self.cfg.gen_reserve - self.prefix_len
+            budget = min(self.cfg.prefix_cap - self.prefix_len, free // 2 - 2 * len(self.policy.elision_ids))
+            if done and budget > len(self.policy.elision_ids) + 2:
+                self.next_prefix = self.prefix + fit_pieces(done, budget, self.policy.elision_ids)
+            return
+        self.reading.append(piece)
+
     def _avail(self) -> int:
-        """Tokens a window has after the prefix and the truncation marker (always reserved)."""
-        return self.cfg.max_len - self.prefix_len - len(self.policy.marker_ids)
+        """Tokens a window has after the prefix (or the longer one it will have) and the truncation marker."""
+        nxt = sum(map(len, self.next_prefix)) if self.next_prefix else 0
+        return self.cfg.max_len - max(self.prefix_len, nxt) - len(self.policy.marker_ids)
 
     # -- windows -----------------------------------------------------------------------------------
     def _length(self) -> int:
@@ -242,28 +299,50 @@ class ContextState:
         """Start a new window unless ``need`` more tokens fit; ``pending`` is the next message's index."""
         if self._length() + need <= self.cfg.max_len:
             return
+        last = max((i for i, (p, kind) in enumerate(self.body) if p.role == "assistant" and kind == NEW), default=-1)
+        if last < 0:  # nothing new was trained: the window's shared part is what it carried
+            last = next((i for i, (_, kind) in enumerate(self.body) if kind == NEW), len(self.body)) - 1
         self._emit()
-        carried = self._carry(need)
-        self.marked = (carried[0].msg if carried else pending) > len(self.prefix)
-        self.body = [(p, CARRIED) for p in carried]
-        self.body_len = sum(len(p) for p in carried)
+        if self.next_prefix is not None:
+            self.prefix, self.next_prefix = self.next_prefix, None
+            self.prefix_len = sum(map(len, self.prefix))
+        start = max(p.msg for p in self.prefix) + 1 if self.prefix else 0
+        shared = [p for p, _ in self.body[: last + 1] if p.msg >= start]
+        openers = [p for p, _ in self.body[last + 1 :] if p.msg >= start]
+        room = self._avail() - need
+        if sum(map(len, openers)) > room:  # several long observations: share the room between them
+            per = room // len(openers)
+            if per >= len(self.policy.elision_ids) + 2:
+                openers = [elide(p, per, self.policy.elision_ids) for p in openers]
+            while openers and sum(map(len, openers)) > room:  # no room at all: the oldest go
+                openers.pop(0)
+        carried = self._carry(shared, room - sum(map(len, openers)))
+        self.marked = (carried[0].msg if carried else openers[0].msg if openers else pending) > start
+        self.body = [(p, CARRIED) for p in carried] + [(p, NEW) for p in openers]
+        self.body_len = sum(len(p) for p, _ in self.body)
 
-    def _carry(self, need: int) -> list[Piece]:
-        """Most recent whole messages totalling >= overlap that still fit with ``need`` free tokens."""
+    def _carry(self, shared: list[Piece], room: int) -> list[Piece]:
+        """Most recent of ``shared`` (the closed window's messages) totalling at least
+        ``min(max(overlap, carry_tokens), room)`` tokens, within ``room``; older turns' tool outputs excerpted."""
+        target = min(max(self.cfg.overlap, self.cfg.carry_tokens or 0), room)
+        k, marker = self.cfg.keep_full_turns, self.policy.elision_ids
         pieces, turns, total = [], 0, 0
-        k = self.cfg.keep_full_turns
-        for piece, _ in reversed(self.body):
-            if total >= self.cfg.overlap:
+        self.excerpted = 0
+        for piece in reversed(shared):
+            if total >= target:
                 break
             if k is not None and turns >= k and piece.role == "tool":
-                piece = elide(piece, self.cfg.excerpt_tokens, self.policy.elision_ids)
+                size = max(self.cfg.excerpt_tokens >> ((turns - k) // max(k, 1)), len(marker) + 8)
+                piece = elide(piece, size, marker)
+                self.excerpted += bool((piece.pos < 0).any())
             turns += piece.role == "assistant"
+            if total + len(piece) > room:
+                if room - total >= len(marker) + 2:
+                    pieces.append(elide(piece, room - total, marker))
+                break
             pieces.append(piece)
             total += len(piece)
         pieces.reverse()
-        room = self._avail() - need
-        while pieces and total > room:
-            total -= len(pieces.pop(0))
         return pieces
 
     def _emit(self) -> None:
@@ -302,5 +381,6 @@ class ContextState:
                 prefix_len=self.prefix_len,
                 segments=segments,
                 elided=sum(p.lost for p, kind in self.body[: last + 1] if kind == NEW),
+                excerpted=self.excerpted,
             )
         )

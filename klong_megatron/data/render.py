@@ -82,6 +82,8 @@ class RenderedTrajectory:
     """int64 [M, 2], contiguous: spans[0, 0] == 0, spans[i, 1] == spans[i + 1, 0], spans[-1, 1] == N"""
     roles: list[str]
     pinned: list[bool]
+    tool_names: list[tuple[str, ...]] | None = None
+    """names of the tools each message calls (assistant messages; the context policy's pin_reading)"""
 
     @property
     def num_messages(self) -> int:
@@ -278,6 +280,7 @@ class Renderer:
             spans=np.stack([edges[:-1], edges[1:]], axis=1),
             roles=[m.role for m in messages],
             pinned=[m.pinned for m in messages],
+            tool_names=[tuple(c.name for c in m.tool_calls) for m in messages],
         )
 
     def _layout(self, msgs: list[Message], tools: Tools) -> tuple[str, list[int], list[tuple[int, int]]]:

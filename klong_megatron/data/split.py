@@ -19,7 +19,8 @@ def feed(state: ContextState, rt: RenderedTrajectory, upto: int | None = None) -
     """Add messages ``[0, upto)`` of ``rt`` to ``state`` (all by default) and return it."""
     for i in range(rt.num_messages if upto is None else upto):
         s, e = rt.spans[i]
-        state.add(rt.input_ids[s:e], rt.assistant_mask[s:e], np.arange(s, e), rt.roles[i], rt.pinned[i])
+        tools = rt.tool_names[i] if rt.tool_names else ()
+        state.add(rt.input_ids[s:e], rt.assistant_mask[s:e], np.arange(s, e), rt.roles[i], rt.pinned[i], tools)
     return state
 
 

@@ -160,10 +160,12 @@ class AgentLoop:
         return await self._finish(run, reason, start, workdir)
 
     # ------------------------------------------------------------------ turn pieces
-    def _add(self, run: _Run, state: Any, ids: np.ndarray, mask: np.ndarray, msg: Message) -> None:
+    def _add(
+        self, run: _Run, state: Any, ids: np.ndarray, mask: np.ndarray, msg: Message, tools: tuple[str, ...] = ()
+    ) -> None:
         ids = np.asarray(ids, dtype=np.int32)
         pos = np.arange(run.offset, run.offset + len(ids))
-        state.add(ids, mask, pos, msg.role, msg.pinned)
+        state.add(ids, mask, pos, msg.role, msg.pinned, tools)
         run.offset += len(ids)
         run.ids.append(ids)
         run.masks.append(mask)
@@ -186,7 +188,7 @@ class AgentLoop:
         structured = self._renders_back(run, msg, header, body)
         if not structured:
             msg = Message("assistant", text)
-        self._add(run, state, ids, mask.astype(np.uint8), msg)
+        self._add(run, state, ids, mask.astype(np.uint8), msg, tuple(c.name for c in calls))
         run.steps.append(
             {
                 "message": len(run.messages) - 1,
@@ -294,9 +296,11 @@ def rendered_from_record(traj: Trajectory) -> RenderedTrajectory:
     if len(ids) != len(traj.messages):
         raise ValueError(f"trajectory {traj.id!r}: {len(ids)} message_ids for {len(traj.messages)} messages")
     masks = [np.zeros(len(a), np.uint8) for a in ids]
+    tools = [tuple(c.name for c in m.tool_calls) for m in traj.messages]
     for step in meta["steps"]:
         i, h = step["message"], step["header_len"]
         masks[i][h : len(ids[i]) - step["suffix_len"]] = 1
+        tools[i] = tuple(step.get("tool_calls", tools[i]))  # the parsed calls, also of unstructured turns
     for i, m in enumerate(meta.get("initial_masks", [])):
         masks[i] = np.asarray(m, dtype=np.uint8)
     lens = np.asarray([len(a) for a in ids], dtype=np.int64)
@@ -308,6 +312,7 @@ def rendered_from_record(traj: Trajectory) -> RenderedTrajectory:
         spans=np.stack([ends - lens, ends], axis=1),
         roles=[m.role for m in traj.messages],
         pinned=[m.pinned for m in traj.messages],
+        tool_names=tools,
     )
 
 

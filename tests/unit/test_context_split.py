@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
 from klong_megatron.config.data import ContextPolicyConfig
@@ -20,13 +20,19 @@ HEADER, SUFFIX = 3, 1  # synthetic template: 3 header tokens before, 1 token aft
 
 
 @st.composite
-def trajectories(draw, max_asst: int = 60, max_tool: int = 150) -> RenderedTrajectory:
+def trajectories(draw, max_asst: int = 60, max_tool: int = 300) -> RenderedTrajectory:
+    """Random trajectories; observations reach half a window of the smaller budgets drawn by ``policies``."""
     roles = (["system"] if draw(st.booleans()) else []) + ["user"]
+    tools: list[tuple[str, ...]] = [()] * len(roles)
     for _ in range(draw(st.integers(1, 25))):
         roles.append("assistant")
-        roles += ["tool"] * draw(st.integers(0, 2))
+        tools.append((draw(st.sampled_from(["read_file_chunk", "read_file_chunk", "bash", "write_file"])),))
+        n = draw(st.integers(0, 2))
+        roles += ["tool"] * n
+        tools += [()] * n
         if draw(st.integers(0, 9)) == 0:
             roles.append("user")
+            tools.append(())
     lengths, masks = [], []
     for role in roles:
         if role == "assistant":
@@ -48,6 +54,7 @@ def trajectories(draw, max_asst: int = 60, max_tool: int = 150) -> RenderedTraje
         spans=np.stack([edges[:-1], edges[1:]], axis=1),
         roles=roles,
         pinned=[i < pinned_upto for i in range(len(roles))],
+        tool_names=tools,
     )
 
 
@@ -60,6 +67,8 @@ def policies(draw) -> ContextPolicyConfig:
         prefix_turns=draw(st.integers(0, 2)),
         keep_full_turns=draw(st.sampled_from([None, 0, 1, 3])),
         excerpt_tokens=draw(st.integers(8, 30)),
+        carry_tokens=draw(st.sampled_from([None, None, 100, 300])),
+        pin_reading=draw(st.booleans()),
         gen_reserve=draw(st.sampled_from([0, 0, 20])),
         train_overlap=draw(st.booleans()),
     )
@@ -74,7 +83,12 @@ def split(rt: RenderedTrajectory, cfg: ContextPolicyConfig):
         assume(False)
 
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=120,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
+)
 
 
 @SETTINGS
@@ -85,6 +99,10 @@ def test_windows_fit_start_with_prefix_and_map_back(rt: RenderedTrajectory, cfg:
     prefix = windows[0].input_ids[: windows[0].prefix_len]
     for w in windows:
         assert len(w) <= cfg.max_len
+        if w.prefix_len != len(prefix):  # pin_reading: the task + reading prefix, from one window on
+            assert cfg.pin_reading and w.prefix_len > len(prefix) and w.prefix_len <= cfg.prefix_cap
+            assert np.array_equal(w.input_ids[: len(prefix)], prefix)
+            prefix = w.input_ids[: w.prefix_len]
         assert np.array_equal(w.input_ids[: w.prefix_len], prefix)
         real = w.positions >= 0
         assert np.array_equal(w.input_ids[real], rt.input_ids[w.positions[real]])
@@ -135,24 +153,40 @@ def test_messages_are_whole_unless_elided(rt: RenderedTrajectory, cfg: ContextPo
 
 
 @SETTINGS
-@given(trajectories(max_tool=60), policies())
-def test_consecutive_windows_overlap_when_budget_allows(rt: RenderedTrajectory, cfg: ContextPolicyConfig) -> None:
-    cfg = replace(cfg, keep_full_turns=None)
+@given(trajectories(), policies())
+def test_every_window_shares_min_overlap_room_with_the_previous(
+    rt: RenderedTrajectory, cfg: ContextPolicyConfig
+) -> None:
+    """Real overlap: carried context from the previous window of at least min(overlap, room) tokens, room being
+    what the window holds besides its new messages; the observations that open the window do not count."""
     _, windows = split(rt, cfg)
-    biggest = int(np.diff(rt.spans, axis=1).max())
     for prev, w in zip(windows, windows[1:], strict=False):
-        carried = [(m, e - s) for m, kind, s, e in w.segments if kind == CARRIED]
-        fits = w.prefix_len + len(MARK) + cfg.overlap + 2 * biggest + cfg.gen_reserve <= cfg.max_len
-        if fits:
-            assert (
-                sum(n for _, n in carried) >= cfg.overlap
-                or carried
-                and carried[0][0] == len([k for k in prev.segments if k[1] == PREFIX])
-            ), "carried context shorter than overlap although it would fit"
-        # carried messages come right before the window's first new message
-        news = [m for m, kind, _, _ in w.segments if kind == NEW]
-        if carried and news:
-            assert [m for m, _ in carried] == list(range(news[0] - len(carried), news[0]))
+        prev_pos = set(prev.positions[prev.prefix_len :][prev.positions[prev.prefix_len :] >= 0].tolist())
+        last_prev = max((m for m, kind, _, _ in prev.segments if kind in (CARRIED, NEW)), default=-1)
+        if last_prev < 0:  # a prefix-only first window (prefix turns): it shares its whole self, the prefix
+            continue
+        if w.prefix_len != prev.prefix_len:  # pin_reading: here the pinned reading's tail is the shared context
+            assert w.prefix_len > prev.prefix_len and all(m > last_prev for m, kind, _, _ in w.segments if kind == NEW)
+            continue
+        carried = [(m, s, e) for m, kind, s, e in w.segments if kind == CARRIED]
+        assert all(m <= last_prev for m, _, _ in carried), "carried messages come from the previous window"
+        for _, s, e in carried:  # ... and are really in it (whole, excerpted or elided: a subset of its tokens)
+            assert set(w.positions[s:e][w.positions[s:e] >= 0].tolist()) <= prev_pos
+        news = [(m, e - s) for m, kind, s, e in w.segments if kind == NEW]
+        k = next(i for i, (m, _) in enumerate(news) if rt.roles[m] == "assistant")
+        openers = sum(n for _, n in news[:k])
+        room = cfg.max_len - w.prefix_len - len(MARK) - openers - max(cfg.gen_reserve, news[k][1])
+        want = min(max(cfg.overlap, cfg.carry_tokens or 0), room)
+        shared = sum(e - s for _, s, e in carried)
+        prefix_msgs = {m for m, kind, _, _ in w.segments if kind == PREFIX}
+        shareable = {m for m, kind, _, _ in prev.segments if kind in (CARRIED, NEW) and m not in prefix_msgs}
+        assert shared >= want - len(ELIDE) - 1 or {m for m, _, _ in carried} == shareable, (
+            f"window {w.window_index}: {shared} tokens shared, want min(overlap, room) = {want}"
+        )
+        if carried:  # carried messages are consecutive and come before the window's new ones (openers that
+            # find no room at all, next to a turn filling the window, go)
+            assert [m for m, _, _ in carried] == list(range(carried[0][0], carried[0][0] + len(carried)))
+            assert carried[-1][0] < news[0][0]
 
 
 @SETTINGS
@@ -214,11 +248,34 @@ def test_prefix_turns_extend_the_default_prefix_within_the_cap() -> None:
     assert split_trajectory(rt, pol(2, cap=35))[0].prefix_len == 30  # the second turn would pass the cap
 
 
-def test_progressive_truncation_excerpts_old_tool_outputs_when_carried() -> None:
-    roles = ["system", "user"] + ["assistant", "tool"] * 8
-    rt = _rt([5, 5] + [10, 60] * 8, roles)
-    cfg = ContextPolicyConfig(max_len=200, overlap=150, keep_full_turns=1, excerpt_tokens=12)
+def test_progressive_truncation_keeps_older_outputs_at_decreasing_fidelity() -> None:
+    roles = ["system", "user"] + ["assistant", "tool"] * 12
+    rt = _rt([5, 5] + [10, 60] * 12, roles)
+    cfg = ContextPolicyConfig(max_len=300, overlap=50, carry_tokens=150, keep_full_turns=1, excerpt_tokens=24)
     windows = split_trajectory(rt, ContextPolicy(cfg, MARK, ELIDE))
-    carried = [(m, e - s) for w in windows[1:] for m, k, s, e in w.segments if k == CARRIED]
-    tool_sizes = [n for m, n in carried if rt.roles[m] == "tool"]
-    assert 12 in tool_sizes and 60 in tool_sizes  # old outputs cut to excerpts, the latest kept whole
+    for w in windows[1:]:
+        sizes = [e - s for m, k, s, e in w.segments if k == CARRIED and rt.roles[m] == "tool"]  # oldest first
+        assert sizes == sorted(sizes), "the older a carried output, the shorter its excerpt"
+        assert w.excerpted == sum(n < 60 for n in sizes) and max(sizes) <= 24
+    assert all(w.excerpted for w in windows[1:])
+    plain = split_trajectory(rt, ContextPolicy(replace(cfg, keep_full_turns=None), MARK, ELIDE))
+    assert not any(w.excerpted for w in plain)
+    assert len(plain) > len(windows), "excerpts leave more room for new turns"
+
+
+def test_pin_reading_pins_the_reading_capped_as_head_and_tail() -> None:
+    roles = ["system", "user"] + ["assistant", "tool"] * 20
+    tools = [()] * 2 + [("read_file_chunk",), ()] * 6 + [("write_file",), ()] + [("bash",), ()] * 13
+    rt = _rt([5, 5] + [10, 40] * 20, roles)
+    rt.tool_names = tools
+    cfg = ContextPolicyConfig(max_len=300, overlap=40, pin_reading=True, max_prefix_tokens=150)
+    windows = split_trajectory(rt, ContextPolicy(cfg, MARK, ELIDE))
+    pinned = [w for w in windows if w.prefix_len > 10]
+    assert pinned and windows[0].prefix_len == 10, "the reading is pinned from the window after it ended"
+    for w in pinned:
+        msgs = [m for m, k, _, _ in w.segments if k == PREFIX]
+        assert msgs[:3] == [0, 1, 2] and msgs[-1] == 13, "task + head and tail of the reading (turns 2..13)"
+        assert 140 <= w.prefix_len <= 150 and (w.positions[: w.prefix_len] < 0).any(), "cut with a marker"
+        assert all(m > 13 for m, k, _, _ in w.segments if k in (CARRIED, NEW))
+    short = split_trajectory(rt, ContextPolicy(replace(cfg, max_prefix_tokens=None, max_len=600), MARK, ELIDE))
+    assert [m for m, k, _, _ in short[-1].segments if k == PREFIX] == list(range(14)), "a short reading, whole"
