@@ -208,3 +208,47 @@ def test_sft_data_blends_prepared_sources_with_their_items(tmp_path: Path) -> No
         BlendSourceConfig(path="x", weight=1.0, epochs=2.0)
     with pytest.raises(ValueError, match="not a mix"):
         DataConfig(blend=[BlendSourceConfig(path="x", weight=1.0), BlendSourceConfig(path="y", epochs=1.0)])
+
+
+class _Recorder:
+    """Collects what the trainer logs (test double of MetricsLogger's info/log)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.metrics: list[tuple[int, str, dict]] = []
+
+    def info(self, message: str) -> None:
+        self.lines.append(message)
+
+    def log(self, step: int, metrics: dict, prefix: str = "train") -> None:
+        self.metrics.append((step, prefix, metrics))
+
+
+def test_trainer_on_prepared_data_matches_in_memory_and_logs_a_blends_realised_mix(tmp_path: Path) -> None:
+    from sft_driver import tiny_config
+
+    from klong_megatron.megatron.parallel import destroy_distributed
+    from klong_megatron.sft.trainer import SFTTrainer
+
+    files = _tiny_files(tmp_path, 2, 4)
+    for k, f in enumerate(files):
+        prepare([str(f)], TINY_CFG, tmp_path / f"p{k}", progress=False)
+    base = ["model.vocab_size=320", "model.seq_length=256", "data.policy.max_len=256", "data.policy.overlap=64",
+            "data.valid_fraction=0.3", "trainer.train_steps=2", "trainer.global_batch_size=2"]  # fmt: skip
+    runs = {
+        "memory": [f"data.train_files=[{files[0]}]"],
+        "prepared": [f"data.prepared={tmp_path / 'p0'}"],
+        "blend": [f"data.blend=[{{path: {tmp_path / 'p0'}, epochs: 2}}, {{path: {tmp_path / 'p1'}, epochs: 1}}]"],
+    }
+    out, logs = {}, {}
+    for name, extra in runs.items():
+        logs[name] = _Recorder()
+        try:
+            out[name] = SFTTrainer(tiny_config([*base, *extra]), tmp_path / name).run(logs[name])
+        finally:
+            destroy_distributed()
+    assert out["prepared"]["losses"] == out["memory"]["losses"]  # same samples, same order, same model
+    mix = [m for _, prefix, m in logs["blend"].metrics if prefix == "blend"]
+    assert len(mix) == 2 and mix[0]["source0_share"] == pytest.approx(2 / 3, abs=0.1)
+    assert mix[0]["source0_realised_share"] + mix[1]["source1_realised_share"] == pytest.approx(1.0)
+    assert any(line.startswith("blend source 1: source ") for line in logs["blend"].lines)
