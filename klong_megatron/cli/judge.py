@@ -26,7 +26,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from klong_megatron.cli._errors import one_line_errors
+from klong_megatron.cli._errors import one_line, one_line_errors, report
 from klong_megatron.config.judge import JudgeConfig
 from klong_megatron.judge.judge import JudgeResult
 from klong_megatron.judge.rubric import CATEGORIES, RubricError, TaskNode, leaf_weights, load_rubric
@@ -138,11 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.submission.is_dir():
             raise ValueError(f"submission directory {str(args.submission)!r} does not exist")
     except (RubricError, ValueError, FileNotFoundError) as e:
-        console.print(f"[red]klong-judge: {e}[/red]")
-        return 2
+        return report("klong-judge", e)
     except Exception as e:  # Hydra composition errors name the bad key
-        console.print(f"[red]klong-judge: bad config: {e}[/red]")
-        return 2
+        return report("klong-judge", ValueError(f"bad config: {one_line(e)}"))
     counts = Counter(leaf.task_category for leaf in tree.leaves())
     checks = sum(leaf.check is not None for leaf in tree.leaves())
     console.print(f"rubric {tree.id}: {sum(counts.values())} leaves {dict(counts)}, {checks} with check commands")
