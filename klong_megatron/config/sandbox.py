@@ -171,6 +171,11 @@ class SandboxConfig:
                 raise ValueError(f"{name} must be in 1..2^31-1 (for uid 0 set run_as_root=true), got {value}")
         if self.workdir_mb is not None and self.workdir_mb < 8:
             raise ValueError(f"workdir_mb must be >= 8 or null, got {self.workdir_mb}")
+        if self.runtime == "runsc" and self.pids < 512:
+            raise ValueError(
+                f"pids must be >= 512 with runtime=runsc (gVisor's own host threads count against it; "
+                f"below that its sentry dies on the first commands), got {self.pids}"
+            )
         if self.nofile < 64:
             raise ValueError(f"nofile must be >= 64, got {self.nofile}")
         for i, cap in enumerate(self.cap_add):

@@ -5,8 +5,8 @@ it (``mkfs.ext4``, no journal, no reserved blocks, root directory owned by the s
 mounts it (``loop,nosuid,nodev``) on ``<host_dir>/klong-sbx-<pid>-XXXX``, which the backend binds at the
 sandbox's work dir. ``remove()`` unmounts (lazily if a container still holds it) and deletes both.
 
-What it enforces: the work dir holds at most ``size_mb`` of data and about one inode per 16 KiB (ext4's
-default ratio); a write beyond either fails inside the sandbox with ENOSPC ("No space left on device"),
+What it enforces: the work dir holds at most ``size_mb`` of data and one inode (file, directory, link) per
+16 KiB of it (``mkfs.ext4 -i 16384``); a write beyond either fails inside the sandbox with ENOSPC ("No space left on device"),
 and the host file system grows by at most ``size_mb`` (the image is sparse). ``nosuid`` means a setuid
 file in the work dir grants nothing. Limits: needs root on the host (mount) and ``mkfs.ext4``; Docker
 needs a local engine (the mount point is bind-mounted). The reaper (_common.reap_dead_dirs) unmounts and
@@ -57,7 +57,9 @@ class WorkDisk:
             with open(self.image, "wb") as f:
                 f.truncate(self.size_mb * 1024 * 1024)
             owner = f"root_owner={self.uid}:{self.gid}"
-            _run(["mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal", "-E", owner, str(self.image)])
+            _run(
+                ["mkfs.ext4", "-q", "-F", "-m", "0", "-i", "16384", "-O", "^has_journal", "-E", owner, str(self.image)]
+            )
             _run(["mount", "-o", "loop,nosuid,nodev", str(self.image), str(self.mount_dir)])
             os.chmod(self.mount_dir, 0o755)
             (self.mount_dir / "lost+found").rmdir()  # an empty work dir, as without a disk (never fsck'd)

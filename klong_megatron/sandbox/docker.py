@@ -71,6 +71,7 @@ PID_LABEL = "klong.pid"
 INIT = ["/bin/sh", "-c", "trap 'exit 0' TERM; while :; do sleep 86400 & wait $!; done"]
 # run_as_root adds back what package installs need (dpkg chowns, apt drops to _apt); never NET_RAW, SYS_ADMIN.
 ROOT_CAPS = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "SETUID", "SETGID", "KILL")
+KILL_PROBE_S = 3.0  # the in-container kill must finish within this, else the container is restarted
 TMP_INODES_PER_MB = 256  # /tmp tmpfs: one inode per 4 KiB of its size (the kernel default is half the RAM's pages)
 
 _reaped_once: list[bool] = []  # the first start in a process sweeps leftovers of dead processes
@@ -315,17 +316,23 @@ class DockerSandbox:
         self.close()
 
     def _kill_all(self, why: str) -> None:
-        """Kill every process but init from inside; if even that cannot run (pids exhausted), kill the
-        container and start it again in the background (the next call waits for it)."""
+        """Kill every process but init from inside; if even that cannot run within KILL_PROBE_S (pids
+        exhausted, a runtime that never closes the stream), kill the container and start it again in the
+        background (the next call waits for it)."""
         api = self._client.api
         try:
             kill = ["/bin/sh", "-c", "for _ in 1 2 3; do kill -KILL -1; done; exit 0"]
-            probe = api.exec_create(self.name, kill, user=self.user)
-            api.exec_start(probe["Id"])
-            if api.exec_inspect(probe["Id"])["ExitCode"] == 0:
+            probe = api.exec_create(self.name, kill, user=self.user)["Id"]
+            sock = api.exec_start(probe, socket=True)
+            try:
+                sink = OutputCapture(1024)
+                done = _pump_frames(sock, time.monotonic() + KILL_PROBE_S, sink, sink, _buffered_bytes(sock))
+            finally:
+                sock.close()
+            if done and api.exec_inspect(probe)["ExitCode"] == 0:
                 log.warning("sandbox %s: %s; killed its processes", self.name, why)
                 return
-        except APIError:
+        except (APIError, OSError):
             pass
         self._restarter = threading.Thread(target=self._restart, args=(why,), daemon=True)
         self._restarter.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import http.server
 import os
 import threading
@@ -13,10 +14,16 @@ import pytest
 from klong_megatron.config.sandbox import SandboxConfig
 from klong_megatron.sandbox import make_sandbox
 from klong_megatron.sandbox.base import Sandbox
+from klong_megatron.sandbox.disk import disk_support_problem
 
 # Every container/work dir of this test process carries this run id, so the leftovers check is exact.
 RUN_ID = f"pytest-{os.getpid()}"
 BACKENDS = [pytest.param("docker", marks=pytest.mark.docker), pytest.param("bwrap", marks=pytest.mark.bwrap)]
+# "docker-runsc": the Docker backend under gVisor's runsc runtime (sandbox.runtime=runsc); skips, saying why,
+# where runsc is not registered with the engine or cannot run on this kernel.
+RUNSC = pytest.param("docker-runsc", marks=pytest.mark.docker)
+# Work dir disks (workdir_mb) need root; elsewhere the sandboxes run without a work dir limit.
+DISKS = disk_support_problem() is None
 
 
 def small_config(backend: str, **over: object) -> SandboxConfig:
@@ -24,8 +31,37 @@ def small_config(backend: str, **over: object) -> SandboxConfig:
     kw: dict[str, object] = dict(
         backend=backend, memory_mb=256, cpus=1.0, pids=64, max_output_bytes=64_000, tmp_mb=64, run_id=RUN_ID
     )
+    kw["workdir_mb"] = 64 if DISKS else None
+    if backend == "docker-runsc":
+        if why := runsc_problem():
+            pytest.skip(why)
+        kw.update(backend="docker", runtime="runsc", pids=1024)  # gVisor's host threads count as pids
     kw.update(over)
     return SandboxConfig(**kw)  # type: ignore[arg-type]
+
+
+@functools.cache
+def runsc_problem() -> str | None:
+    """Why Docker sandboxes cannot use ``runtime=runsc`` here (None when a runsc container runs)."""
+    import docker
+
+    try:
+        client = docker.from_env(timeout=30)
+        if "runsc" not in client.info().get("Runtimes", {}):
+            return (
+                "runsc is not registered with the Docker engine (apt-get install runsc; tools/docker_engine.sh runsc)"
+            )
+        client.containers.run(
+            SandboxConfig().image,
+            ["true"],
+            runtime="runsc",
+            network_mode="none",
+            remove=True,
+            labels={"klong.run": RUN_ID},
+        )
+    except Exception as e:  # the engine's own words: e.g. the platform cannot run on this kernel
+        return f"runsc cannot run a container on this host: {e}"
+    return None
 
 
 def started(backend: str, **over: object) -> Sandbox:
