@@ -1,7 +1,11 @@
-"""Judge orchestration speed, measured against a zero-latency OpenAI-compatible endpoint.
+"""Judge cost and orchestration speed, measured against a zero-latency OpenAI-compatible endpoint.
 
-    .venv/bin/python benchmarks/judge_throughput.py [--leaves 1000] [--train-jobs 1000]
+    .venv/bin/python benchmarks/judge_throughput.py [--leaves 1000] [--train-jobs 1000] [--only cost|speed]
 
+0. Cost of grading a real PaperBench paper (mechanistic-understanding: rubric, paper.md, addendum.md; a
+   synthetic 46-file submission of ~270 kB with a 3000-line reproduce.log): model calls and prompt tokens
+   per leaf (counted with the real Qwen3 tokenizer over every recorded request) and leaves/s, for the
+   PaperBench-style settings (window 131072, strict or structured parse) and the fixed budgets.
 1. Leaves/s grading a 1000-leaf rubric (requirements taken from the real PaperBench rubrics) through
    the full path (prompt building, HTTP, parsing, cache, aggregation). Baseline: one request at a time.
 2. Latency of eval jobs submitted while 1000 train jobs wait in the persistent queue, against a
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -35,15 +40,20 @@ from klong_megatron.judge.endpoints import ChatPool
 from klong_megatron.judge.judge import Judge
 from klong_megatron.judge.llm import LLMGrader
 from klong_megatron.judge.rubric import TaskNode, load_rubric, rubric_from_dict
-from klong_megatron.judge.submission import Submission
+from klong_megatron.judge.submission import Submission, TokenCounter
 
 ROOT = Path(__file__).resolve().parents[1]
-RUBRICS = ROOT / "tests" / "data" / "paperbench_rubrics"
+SHARED = ROOT.parent / "shared"
+RUBRICS = SHARED / "data" / "paperbench_rubrics"
+TASK = SHARED / "data" / "paperbench_tasks" / "mechanistic-understanding"
+QWEN3 = SHARED / "real_tokenizers" / "qwen3"
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
 SERVER = f"""
 import sys, time
 sys.path.insert(0, {str(ROOT / "tests" / "integration")!r})
-from openai_judge_double import OpenAIJudgeDouble
-srv = OpenAIJudgeDouble(lambda body: '{{"score": 1, "explanation": "ok"}}', record=False).start()
+from openai_judge_double import OpenAIJudgeDouble, grade_reply, is_ranking, tree_paths
+srv = OpenAIJudgeDouble(lambda body: "\\n".join(tree_paths(body)[:10]) if is_ranking(body) else grade_reply(1),
+                        record=False).start()
 print(srv.url, flush=True)
 while True:
     time.sleep(1)
@@ -104,6 +114,72 @@ async def grade_leaves(
     return dt, cpu
 
 
+def paper_submission(root: Path) -> Path:
+    """48 files (~270 kB): 40 modules, README, results table, reproduce.sh and a 3000-line training log."""
+    (root / "src").mkdir(parents=True)
+    for i in range(40):
+        body = "".join(f"def f{i}_{j}(x, y):\n    '''step {j}'''\n    return x * {j} + y - {i}\n\n" for j in range(80))
+        (root / f"src/mod_{i}.py").write_text(body)
+    (root / "README.md").write_text("# Reproduction\n" + "We train a probe and run DPO.\n" * 40)
+    (root / "reproduce.sh").write_text("python src/mod_0.py\n")
+    (root / "results").mkdir()
+    (root / "results/table1.csv").write_text("model,toxicity\n" + "".join(f"m{i},0.{i}\n" for i in range(50)))
+    log = "".join(f"epoch 1 step {i} loss {1 / (i + 1):.4f} 12.3it/s\n" for i in range(3000))
+    (root / "reproduce.log").write_text(log + "final toxicity 0.21\n")
+    later = (root / "reproduce.log").stat().st_mtime + 60
+    os.utime(root / "results/table1.csv", (later, later))  # written by the run: Result Analysis is graded
+    return root
+
+
+def paper_cost(sub: Path, tokens: TokenCounter, **grader_kw: object) -> tuple[float, float, int, float, float]:
+    """(calls / leaf, prompt tokens / leaf, largest prompt, leaves/s, leaves per CPU-s) for the real paper task.
+
+    CPU-s: this process's CPU time (judge + the in-process double), which a loaded machine disturbs less than
+    wall time. Prompt tokens: every message of every recorded request, each distinct text counted once.
+    """
+    from openai_judge_double import OpenAIJudgeDouble, keyword_responder
+
+    tree = load_rubric(TASK / "rubric.json")
+    task = GradingTask(Submission(sub), tree, (TASK / "paper.md").read_text(), (TASK / "addendum.md").read_text())
+    with OpenAIJudgeDouble(keyword_responder) as srv:
+
+        async def go() -> tuple[float, float]:
+            pool = ChatPool([srv.url], "judge-double", max_concurrency=16)
+            judge = Judge(llm=LLMGrader(pool, **grader_kw), cache=GradeCache())
+            t0, c0 = time.perf_counter(), time.process_time()
+            res = await judge.run(task)
+            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+            await pool.aclose()
+            assert not res.invalid, res.invalid[:3]
+            return dt, cpu
+
+        dt, cpu = asyncio.run(go())
+        memo: dict[str, int] = {}
+        sizes = [sum(memo.setdefault(m["content"], tokens.count(m["content"])) if m["content"] not in memo
+                     else memo[m["content"]] for m in r["messages"]) for r in srv.requests]  # fmt: skip
+    n = len(list(tree.leaves()))
+    return len(sizes) / n, sum(sizes) / n, max(sizes), n / dt, n / cpu
+
+
+def cost_table() -> None:
+    counter = TokenCounter(QWEN3)
+    window = {"counter": counter, "context_window": 131072}
+    with tempfile.TemporaryDirectory() as d:
+        sub = paper_submission(Path(d) / "submission")
+        rows = [
+            ("window 131072, strict parse (default)", paper_cost(sub, counter, **window)),
+            ("window 131072, structured parse call", paper_cost(sub, counter, **window, parse_mode="structured")),
+            ("fixed budgets 50k/60k/8k, chars/4", paper_cost(sub, counter)),
+        ]
+    t = Table(title="grading cost per leaf: mechanistic-understanding (96 leaves), zero-latency judge double")
+    for col in ("setting", "calls / leaf", "prompt tokens / leaf", "largest prompt", "leaves/s", "leaves / CPU-s"):
+        t.add_column(col, justify="left" if col == "setting" else "right")
+    for name, (calls, toks, big, rate, cpu_rate) in rows:
+        t.add_row(name, f"{calls:.2f}", f"{toks:,.0f}", f"{big:,}", f"{rate:.1f}", f"{cpu_rate:.1f}")
+    console.print(t)
+    print(json.dumps({"cost": dict(rows)}))
+
+
 async def queue_latency(url: str, subs: list[Path], state: Path, priority: bool) -> tuple[float, float, float]:
     """(eval p50, eval max, total) seconds; every job grades its own submission (no cache hits)."""
     leaf = {"requirements": "an item", "weight": 1, "sub_tasks": [], "task_category": "Code Development"}
@@ -137,7 +213,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--leaves", type=int, default=1000)
     ap.add_argument("--train-jobs", type=int, default=1000)
+    ap.add_argument("--only", choices=["cost", "speed"], default=None, help="run one part only")
     args = ap.parse_args()
+    if args.only != "speed":
+        cost_table()
+    if args.only == "cost":
+        return
     servers = [subprocess.Popen([sys.executable, "-c", SERVER], stdout=subprocess.PIPE, text=True) for _ in range(2)]
     urls = [s.stdout.readline().strip() for s in servers]  # type: ignore[union-attr]
     try:
