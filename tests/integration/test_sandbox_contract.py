@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from sandbox_cases import BACKENDS, RUN_ID, small_config, started, wait_until_gone, wait_until_present
+from sandbox_cases import BACKENDS, RUN_ID, RUNSC, small_config, started, wait_until_gone, wait_until_present
 
 from klong_megatron.config import CONFIG_DIR, register_configs
 from klong_megatron.sandbox import Sandbox, SandboxError, make_sandbox
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
+@pytest.fixture(scope="module", params=[*BACKENDS, RUNSC])
 def sb(request: pytest.FixtureRequest):
     box = started(request.param)
     yield box
