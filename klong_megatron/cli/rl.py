@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from klong_megatron.cli._errors import INPUT_ERRORS, check_hydra_overrides, one_line_errors
 from klong_megatron.cli.sft import _run_names, implementation
 from klong_megatron.config import CONFIG_DIR, register_configs
+from klong_megatron.config.data import ContextPolicyConfig, policy_differences
 from klong_megatron.config.rl import RLConfig
 from klong_megatron.rl.health import RLHealthError
 
@@ -48,8 +49,29 @@ def describe(cfg: RLConfig, world_size: int = 1) -> str:
     )
 
 
+def check_warmup_policy(cfg: RLConfig) -> None:
+    """Refuse a warm-up checkpoint (``init_from_checkpoint``, a klong-sft run) whose SFT data was split with
+    another context policy than the agent's ``data.policy``: read from that run's ``.hydra/config.yaml``."""
+    if not cfg.init_from_checkpoint:
+        return
+    ckpt = Path(cfg.init_from_checkpoint).resolve()
+    runs = [d / ".hydra" / "config.yaml" for d in (ckpt, *list(ckpt.parents)[:3])]
+    found = next((f for f in runs if f.is_file()), None)
+    sft = OmegaConf.select(OmegaConf.load(found), "data.policy") if found else None
+    if sft is None:
+        return
+    known = {k: v for k, v in OmegaConf.to_container(sft, resolve=True).items() if k in asdict(cfg.data.policy)}
+    diff = policy_differences(ContextPolicyConfig(**known), cfg.data.policy)
+    if diff:
+        raise ValueError(
+            f"init_from_checkpoint: the warm-up SFT run ({found}) split its data with another context policy than "
+            f"the agent's data.policy (SFT != RL): {'; '.join(diff)}; give both runs the model's context=<preset>"
+        )
+
+
 def run(cfg: RLConfig, output_dir: str | Path, run_name: str | None = None) -> dict:
     """Train (or, with ``dry_run``, validate) and return the run's scores."""
+    check_warmup_policy(cfg)
     plan = describe(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     if cfg.dry_run:
         from klong_megatron.rl.tasks import build_task_sets
