@@ -96,6 +96,9 @@ def submission(tmp: Path) -> Submission:
         (root / f"module_{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n" * 20)
     (root / "reproduce.sh").write_text("python module_0.py\n")
     (root / "reproduce.log").write_text("step 1 loss 0.5\n" * 100)
+    (root / "results.csv").write_text("loss\n0.5\n")
+    later = (root / "reproduce.log").stat().st_mtime + 60
+    os.utime(root / "results.csv", (later, later))  # written by the run: Result Analysis leaves are graded
     return Submission(root)
 
 
