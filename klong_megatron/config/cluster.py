@@ -9,7 +9,7 @@ from hydra.core.config_store import ConfigStore
 
 @dataclass
 class ClusterConfig:
-    """Nodes and devices; ``peak_tflops`` is the per-device dense bf16 matmul peak for MFU."""
+    """Nodes and devices; ``peak_tflops`` is the per-device dense bf16 peak (datasheet) for MFU."""
 
     name: str = "local"
     nodes: int = 1
@@ -20,6 +20,8 @@ class ClusterConfig:
     partition: str | None = None
     account: str | None = None
     time_limit_min: int = 60
+    require_gpus: bool = False
+    """Refuse to start without CUDA (GPU presets): a job that lost its GPUs fails instead of training on CPU."""
 
     def __post_init__(self) -> None:
         for name in ("nodes", "devices_per_node", "time_limit_min"):

@@ -27,6 +27,16 @@ class ModelConfig:
     seq_length: int = MISSING
     """Longest sequence the model is built for (RoPE cache); the packed training length must fit."""
     rotary_base: int = 10000
+    native_context: int | None = None
+    """Context the checkpoint was trained on without RoPE scaling (HF ``max_position_embeddings``, or
+    ``rope_scaling.original_max_position_embeddings``); longer sequences need ``rope_scaling``. None: unchecked."""
+    rope_scaling: str | None = None
+    """None (plain RoPE) or "yarn" (YaRN, HF ``rope_scaling: {rope_type: yarn}``): extends native_context by
+    rope_scaling_factor, with the attention factor 0.1 ln(factor) + 1 on cos/sin (HF's default)."""
+    rope_scaling_factor: float = 1.0
+    """YaRN factor: the usable context is native_context x rope_scaling_factor."""
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
     rotary_percent: float = 1.0
     """Share of each head's dimensions that get RoPE (GLM-4.5: 0.5; the first ones, non-interleaved)."""
     norm_epsilon: float = 1e-6
@@ -80,8 +90,46 @@ class ModelConfig:
             raise ValueError("attention_dropout and hidden_dropout must be in [0, 1)")
         if not 0.0 < self.rotary_percent <= 1.0:
             raise ValueError(f"rotary_percent must be in (0, 1], got {self.rotary_percent}")
+        self._check_rope_scaling()
         if self.num_experts is not None:
             self._check_moe()
+
+    def _check_rope_scaling(self) -> None:
+        if self.rope_scaling not in (None, "yarn"):
+            raise ValueError(f"rope_scaling must be null or yarn, got {self.rope_scaling!r}")
+        if self.native_context is not None and self.native_context < 1:
+            raise ValueError(f"native_context must be >= 1 or null, got {self.native_context}")
+        if self.rope_scaling == "yarn" and (self.native_context is None or self.rope_scaling_factor <= 1.0):
+            raise ValueError(
+                "rope_scaling=yarn needs native_context (the original max_position_embeddings) and "
+                f"rope_scaling_factor > 1, got native_context={self.native_context}, factor={self.rope_scaling_factor}"
+            )
+        if self.seq_length is not MISSING:
+            self.check_context(self.seq_length, "model.seq_length")
+
+    def context_limit(self) -> int | None:
+        """Longest sequence the positions are trained for: native_context (x rope_scaling_factor with YaRN)."""
+        if self.native_context is None:
+            return None
+        return int(self.native_context * (self.rope_scaling_factor if self.rope_scaling else 1.0))
+
+    def check_context(self, length: int, name: str) -> None:
+        """ValueError naming ``name``=``length`` and the model's context when ``length`` exceeds it."""
+        limit = self.context_limit()
+        if limit is None or length <= limit:
+            return
+        if self.rope_scaling is None:
+            factor = length / self.native_context
+            raise ValueError(
+                f"{name} ({length}) exceeds the model's native context model.native_context ({self.native_context}) "
+                f"and RoPE is not scaled: positions past {self.native_context} were never trained. Set "
+                f"model.rope_scaling=yarn model.rope_scaling_factor={factor:g} (or more), or use windows of at most "
+                f"{self.native_context} tokens"
+            )
+        raise ValueError(
+            f"{name} ({length}) exceeds the YaRN-scaled context of the model: model.native_context "
+            f"({self.native_context}) x model.rope_scaling_factor ({self.rope_scaling_factor:g}) = {limit}"
+        )
 
     def _check_moe(self) -> None:
         if self.num_experts < 1 or self.moe_ffn_hidden_size is None or self.moe_ffn_hidden_size < 1:

@@ -40,6 +40,8 @@ class SFTConfig:
             raise ValueError(
                 f"data.seq_len / data.policy.max_len ({seq}) exceeds model.seq_length ({self.model.seq_length})"
             )
+        self.model.check_context(seq, "data.seq_len" if self.data.seq_len else "data.policy.max_len")
+        self.trainer.parallel.check_model(self.model)
         if self.model.num_layers % self.trainer.parallel.pp:
             raise ValueError(
                 f"model.num_layers ({self.model.num_layers}) must be divisible by "

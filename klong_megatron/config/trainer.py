@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from klong_megatron.config.model import ModelConfig
+
 
 @dataclass
 class ParallelConfig:
@@ -36,6 +38,14 @@ class ParallelConfig:
         if self.recompute_granularity not in (None, "selective", "full"):
             raise ValueError(
                 f"parallel.recompute_granularity must be null, selective or full, got {self.recompute_granularity!r}"
+            )
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Model x layout checks that megatron-core would only raise at the first forward (or not at all)."""
+        if model.is_moe and self.tp > 1 and not self.sequence_parallel:
+            raise ValueError(
+                f"an MoE model with trainer.parallel.tp={self.tp} needs trainer.parallel.sequence_parallel=true "
+                "(megatron-core's MoELayer refuses to train with tensor parallelism and no sequence parallelism)"
             )
 
     @property

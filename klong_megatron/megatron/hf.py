@@ -83,7 +83,30 @@ def model_config_from_hf(hf_dir: str | Path, seq_length: int | None = None) -> M
         qk_layernorm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM") or bool(c.get("use_qk_norm", False)),
         untie_embeddings=not c.get("tie_word_embeddings", False),
         **moe,
+        **_rope_fields_from_hf(c, hf_dir),
     )
+
+
+def _rope_fields_from_hf(c: dict[str, Any], hf_dir: str | Path) -> dict[str, Any]:
+    """native_context and RoPE scaling from ``rope_scaling`` / ``rope_parameters`` (YaRN or none)."""
+    rope = c.get("rope_scaling") or c.get("rope_parameters") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return {"native_context": c.get("max_position_embeddings")}
+    if kind != "yarn":
+        raise ValueError(f"{hf_dir}/config.json: RoPE scaling {kind!r} is not supported (only yarn)")
+    original = rope.get("original_max_position_embeddings") or c["max_position_embeddings"]
+    beta_fast, beta_slow = float(rope.get("beta_fast", 32.0)), float(rope.get("beta_slow", 1.0))
+    return dict(native_context=original, rope_scaling="yarn", rope_scaling_factor=float(rope["factor"]),
+                yarn_beta_fast=beta_fast, yarn_beta_slow=beta_slow)  # fmt: skip
+
+
+def _rope_scaling_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The HF ``rope_scaling`` dict of ``cfg`` (empty without scaling)."""
+    if cfg.rope_scaling != "yarn":
+        return {}
+    return {"rope_type": "yarn", "factor": cfg.rope_scaling_factor, "original_max_position_embeddings":
+            cfg.native_context, "beta_fast": cfg.yarn_beta_fast, "beta_slow": cfg.yarn_beta_slow}  # fmt: skip
 
 
 def _moe_fields_from_hf(c: dict[str, Any], arch: str, hf_dir: str | Path) -> dict[str, Any]:
@@ -369,6 +392,8 @@ def _base_hf_config(cfg: ModelConfig, tokenizer: Any | None) -> dict[str, Any]:
         "hidden_act": "silu",
         "torch_dtype": "float32",
     }
+    if cfg.rope_scaling:
+        out["rope_scaling"] = {**_rope_scaling_to_hf(cfg), "rope_theta": float(cfg.rotary_base)}
     if tokenizer is not None:
         out["eos_token_id"] = tokenizer.eos_token_id
         out["bos_token_id"] = tokenizer.bos_token_id
@@ -393,7 +418,7 @@ def _moe_hf_config(cfg: ModelConfig, tokenizer: Any | None) -> dict[str, Any]:
         problems += [k for k, v in checks.items() if v]
     if problems:
         raise ValueError(f"no HF {arch} equals this MoE config: {', '.join(problems)}")
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(cfg.rotary_base)}
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(cfg.rotary_base), **_rope_scaling_to_hf(cfg)}
     out: dict[str, Any] = {
         "architectures": [arch],
         "model_type": "glm4_moe" if glm else "qwen3_moe",
@@ -422,7 +447,10 @@ def export_hf(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path, tok
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(hf_config(cfg, tokenizer), indent=2))
+    config = hf_config(cfg, tokenizer)
+    dtype = next(iter(_own_state(_unwrap(model)).values())).dtype  # bf16 when trained in bf16: served in bf16
+    config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(str(out))
     return save_hf_weights(model, cfg, out)
 

@@ -16,6 +16,7 @@ Usage (after ``parallel_state.initialize_model_parallel`` and, on CPU, ``apply_c
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import math
 import re
@@ -59,11 +60,23 @@ def _warn_no_te() -> None:
     warnings.warn("transformer_engine is not importable: using Megatron's local (torch) layer spec", stacklevel=3)
 
 
-def resolve_impl(cfg: ModelConfig, have_te: bool | None = None) -> str:
-    """``"te"`` or ``"local"`` for ``cfg.transformer_impl`` given whether TE imports (default: ``HAVE_TE``)."""
+def resolve_impl(cfg: ModelConfig, have_te: bool | None = None, on_gpu: bool | None = None) -> str:
+    """``"te"`` or ``"local"`` for ``cfg.transformer_impl`` given whether TE imports (default: ``HAVE_TE``).
+
+    On a GPU (``on_gpu``, default: CUDA available) ``auto`` without TE is an error: the local spec
+    needs a dense ``[B,1,S,S]`` mask (4.3 GB per 64k-token sample) and runs out of memory instead.
+    ``model.transformer_impl=local`` waives it explicitly.
+    """
     have_te = HAVE_TE if have_te is None else have_te
+    on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
     if cfg.transformer_impl == "te" and not have_te:
         raise ValueError("model.transformer_impl=te but transformer_engine is not importable; use auto or local")
+    if cfg.transformer_impl == "auto" and on_gpu and not have_te:
+        raise ValueError(
+            "transformer_engine is not importable on this GPU node (model.transformer_impl=auto): use the training "
+            "image (tools/images/train.Dockerfile) or install the train-gpu extra; model.transformer_impl=local runs "
+            "Megatron's local spec instead (dense attention masks: short sequences only)"
+        )
     if cfg.transformer_impl == "local" or not have_te:
         if cfg.transformer_impl == "auto":
             _warn_no_te()
@@ -99,12 +112,16 @@ def to_transformer_config(
 ) -> TransformerConfig:
     """The one converter from our dataclasses to Megatron's ``TransformerConfig``.
 
-    ``bf16`` selects bf16 params/compute (GPU); fp32 otherwise. Fusions are left off: they need CUDA
-    kernels and are enabled by Megatron itself where TE provides them.
+    ``bf16`` selects bf16 params/compute (GPU); fp32 otherwise. Fusions (:func:`fusion_fields`) are on
+    with Transformer Engine and off on the local spec (CPU). YaRN RoPE scaling sets the ``yarn_*``
+    attributes megatron-core's ``YarnRotaryEmbedding`` and attention read (they exist on
+    ``MLATransformerConfig`` only, so they are set on the instance).
     """
     parallel = parallel or ParallelConfig()
     dtype = torch.bfloat16 if bf16 else torch.float32
-    return TransformerConfig(
+    te = resolve_impl(cfg) == "te"
+    config = TransformerConfig(
+        **fusion_fields(cfg, te),
         **_moe_fields(cfg, parallel),
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -130,15 +147,44 @@ def to_transformer_config(
         params_dtype=dtype,
         bf16=bf16,
         use_cpu_initialization=not torch.cuda.is_available(),
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
         persist_layer_norm=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        # THD micro-batches padded for CP / SP vary in length: the pipeline exchanges shapes first
+        variable_seq_lengths=te and parallel.pp > 1 and (parallel.cp > 1 or parallel.sequence_parallel),
         recompute_granularity=parallel.recompute_granularity,
         recompute_method="uniform" if parallel.recompute_granularity == "full" else None,
         recompute_num_layers=1 if parallel.recompute_granularity == "full" else None,
+    )
+    if cfg.rope_scaling == "yarn":
+        config.yarn_rotary_scaling_factor = cfg.rope_scaling_factor
+        config.yarn_original_max_position_embeddings = cfg.native_context
+        config.yarn_beta_fast, config.yarn_beta_slow = cfg.yarn_beta_fast, cfg.yarn_beta_slow
+        config.yarn_mscale, config.yarn_mscale_all_dim = 1.0, 0.0  # HF default: attention factor 0.1 ln(s) + 1
+        config.yarn_correction_range_round_to_int = True  # HF's truncate=True
+    return config
+
+
+def _have_apex_grad_accum() -> bool:
+    """Megatron's ``gradient_accumulation_fusion`` needs Apex's ``fused_weight_gradient_mlp_cuda`` (output layer)."""
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
+def fusion_fields(cfg: ModelConfig, te: bool, have_apex_grad_accum: bool | None = None) -> dict:
+    """Kernel fusions: all on with Transformer Engine (GPU), all off on the local spec (CPU).
+
+    RoPE fusion stays off under YaRN: megatron-core 0.16.1's fused THD RoPE drops YaRN's attention
+    factor (``rope_utils.apply_rotary_pos_emb`` passes ``mscale`` only to the unfused kernels).
+    Gradient-accumulation fusion also needs Apex (in NVIDIA's PyTorch images).
+    """
+    if not te:
+        return dict(bias_activation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
+                    apply_rope_fusion=False, gradient_accumulation_fusion=False)  # fmt: skip
+    have_apex = _have_apex_grad_accum() if have_apex_grad_accum is None else have_apex_grad_accum
+    return dict(
+        bias_activation_fusion=True,
+        masked_softmax_fusion=True,
+        bias_dropout_fusion=True,
+        apply_rope_fusion=cfg.rope_scaling is None,
+        gradient_accumulation_fusion=have_apex,
     )
 
 
@@ -158,6 +204,7 @@ def _moe_fields(cfg: ModelConfig, parallel: ParallelConfig) -> dict:
         moe_router_load_balancing_type="aux_loss" if cfg.moe_aux_loss_coeff > 0 else "none",
         moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
         moe_token_dispatcher_type=cfg.moe_token_dispatcher,
+        moe_router_dtype="fp32",  # routing scores and top-k in fp32 under bf16 (Megatron's recommendation)
         moe_grouped_gemm=False,
         expert_model_parallel_size=parallel.ep,
     )
@@ -196,7 +243,7 @@ def build_gpt(
         post_process=post_process,
         parallel_output=True,
         share_embeddings_and_output_weights=not cfg.untie_embeddings,
-        position_embedding_type="rope",
+        position_embedding_type="yarn" if cfg.rope_scaling == "yarn" else "rope",
         rotary_base=cfg.rotary_base,
         rotary_percent=cfg.rotary_percent,
     )

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
+from klong_megatron.config.cluster import ClusterConfig
 from klong_megatron.config.trainer import ParallelConfig
 from klong_megatron.megatron.cpu_compat import apply_cpu_compat
 
@@ -24,6 +25,19 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def check_devices(cluster: ClusterConfig, cuda_available: bool | None = None) -> None:
+    """RuntimeError when ``cluster.require_gpus`` but this process sees no CUDA device (GPUs not requested
+    from Slurm, a CPU-only torch build, CUDA_VISIBLE_DEVICES empty): fail fast instead of the CPU path."""
+    cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
+    if cluster.require_gpus and not cuda_available:
+        raise RuntimeError(
+            f"cluster={cluster.name} expects GPUs (cluster.require_gpus=true) but this process sees none "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}, "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}): request GPUs from Slurm "
+            "(GPUS_PER_NODE / --gpus-per-node) and use the GPU image, or run with cluster=local"
+        )
 
 
 def init_distributed(parallel: ParallelConfig, seed: int, *, timeout_min: int = 30) -> None:

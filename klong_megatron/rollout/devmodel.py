@@ -61,6 +61,10 @@ class HFCausalLM:
         self.device = device
         cfg = model.config
         self.max_context = int(getattr(cfg, "max_position_embeddings", 4096))
+        rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+        if rope.get("rope_type") == "yarn" and rope.get("original_max_position_embeddings"):
+            # transformers applies YaRN itself; the usable context is the original one x factor
+            self.max_context = max(self.max_context, int(rope["original_max_position_embeddings"] * rope["factor"]))
         eos = cfg.eos_token_id
         self.eos_token_ids = tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
 

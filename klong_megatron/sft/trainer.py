@@ -31,7 +31,12 @@ from klong_megatron.config.sft import SFTConfig
 from klong_megatron.logging import MetricsLogger
 from klong_megatron.megatron import checkpoint as ckpt
 from klong_megatron.megatron.model import uses_packed_seq_params
-from klong_megatron.megatron.parallel import data_parallel_rank_and_size, init_distributed, is_logging_rank
+from klong_megatron.megatron.parallel import (
+    check_devices,
+    data_parallel_rank_and_size,
+    init_distributed,
+    is_logging_rank,
+)
 from klong_megatron.megatron.step import make_forward_step
 from klong_megatron.megatron.training import build_training_model, resolve_bf16
 from klong_megatron.sft.batches import BatchPlan, GlobalBatches, eval_batches, micro_batches, thd_batch_for_cp_rank
@@ -85,6 +90,7 @@ class SFTTrainer:
         self.bf16 = resolve_bf16(self.tcfg)
         self.thd = self.tcfg.packed_format == "thd" or uses_packed_seq_params(cfg.model)
         """Micro-batches are flat packed sequences [1, mbs*S] (Transformer Engine's THD layout)."""
+        check_devices(cfg.cluster)
         init_distributed(self.tcfg.parallel, self.tcfg.seed)
         self.train_ds, self.valid_ds, self.collate, self._order = self._datasets(data)
         dp_rank, dp_size = data_parallel_rank_and_size()
