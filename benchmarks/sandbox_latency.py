@@ -8,8 +8,13 @@ Measures (median over many repetitions, same run, same machine):
   allowlist    start and exec again with network=allowlist (Docker: forwarder as init; bwrap: forwarder
                per command), and one HTTP GET to a local server through the egress proxy vs the same GET
                made directly on the host (the baseline), median of --gets requests from one process.
+  hardening    start and exec with the hardened defaults (non-root uid, no capabilities, no-new-privileges,
+               a 10 GiB loop-mounted work dir disk; bwrap: + its seccomp filter) vs the previous defaults
+               (Docker: root, the engine's default capabilities, no no-new-privileges, a named volume;
+               bwrap: a plain work dir, no seccomp filter), and Docker under gVisor's runsc where it runs.
 
 Run: .venv/bin/python benchmarks/sandbox_latency.py [--backends docker bwrap] [--repeat 20] [--gets 200]
+     [--only hardening]
 """
 
 from __future__ import annotations
@@ -28,7 +33,9 @@ from rich.progress import track
 from rich.table import Table
 
 from klong_megatron.config.sandbox import SandboxConfig, ToolsConfig
-from klong_megatron.sandbox import make_sandbox
+from klong_megatron.sandbox import bwrap, make_sandbox
+from klong_megatron.sandbox.base import Sandbox
+from klong_megatron.sandbox.docker import DockerSandbox
 from klong_megatron.sandbox.tools import ToolSet
 
 # Median milliseconds of N sequential GETs of URL (through the proxy variables when they are set).
@@ -45,7 +52,8 @@ print(statistics.median(times) * 1e3)
 
 
 def _cfg(backend: str, **over: object) -> SandboxConfig:
-    return SandboxConfig(backend=backend, memory_mb=512, pids=128, run_id="bench", **over)  # type: ignore[arg-type]
+    kw: dict[str, object] = {"backend": backend, "memory_mb": 512, "pids": 128, "run_id": "bench", **over}
+    return SandboxConfig(**kw)  # type: ignore[arg-type]
 
 
 class _Quiet(http.server.BaseHTTPRequestHandler):
@@ -76,10 +84,29 @@ def http_get_ms(backend: str, gets: int) -> tuple[float, float]:
         server.shutdown()
 
 
-def start_latency(backend: str, repeat: int, **over: object) -> list[float]:
+class _PreviousDockerDefaults(DockerSandbox):
+    """The Docker sandbox as it was before hardening: root, the engine's capabilities, no no-new-privileges."""
+
+    @property
+    def user(self) -> str:
+        return "0:0"
+
+    def _privileges(self) -> dict[str, object]:
+        return {"runtime": self.cfg.runtime}
+
+
+def _make(backend: str, variant: str, **over: object) -> Sandbox:
+    """``variant``: hardened (the defaults), previous (see _PreviousDockerDefaults; bwrap: no disk, no filter)."""
+    if variant == "previous":
+        over = {**over, "workdir_mb": None}
+    cfg = _cfg(backend, **over)
+    return _PreviousDockerDefaults(cfg) if variant == "previous" and backend == "docker" else make_sandbox(cfg)
+
+
+def start_latency(backend: str, repeat: int, variant: str = "hardened", **over: object) -> list[float]:
     times = []
-    for _ in track(range(repeat), description=f"{backend} {over or ''}: start"):
-        sb = make_sandbox(_cfg(backend, **over))
+    for _ in track(range(repeat), description=f"{backend} {variant} {over or ''}: start"):
+        sb = _make(backend, variant, **over)
         t0 = time.perf_counter()
         sb.start()
         times.append(time.perf_counter() - t0)
@@ -87,11 +114,11 @@ def start_latency(backend: str, repeat: int, **over: object) -> list[float]:
     return times
 
 
-def exec_latency(backend: str, repeat: int, **over: object) -> list[float]:
-    with make_sandbox(_cfg(backend, **over)) as sb:
+def exec_latency(backend: str, repeat: int, variant: str = "hardened", **over: object) -> list[float]:
+    with _make(backend, variant, **over) as sb:
         sb.exec("true", timeout=30)  # warm-up
         times = []
-        for _ in track(range(repeat), description=f"{backend} {over or ''}: exec"):
+        for _ in track(range(repeat), description=f"{backend} {variant} {over or ''}: exec"):
             t0 = time.perf_counter()
             sb.exec("true", timeout=30)
             times.append(time.perf_counter() - t0)
@@ -116,6 +143,33 @@ def bash_throughput(backend: str, n_sandboxes: int, calls_each: int) -> float:
     return n_sandboxes * calls_each / elapsed
 
 
+def hardening_table(backends: list[str], repeat: int) -> Table:
+    table = Table(title="Hardened vs previous sandbox defaults, ms (medians; same run)")
+    for col in ("backend", "variant", "start ms", "exec ms", "uid CapEff NoNewPrivs"):
+        table.add_column(col, justify="right")
+    rows = [(b, v, {}) for b in backends for v in ("previous", "hardened")]
+    if "docker" in backends:
+        rows.append(("docker", "hardened + runsc", {"runtime": "runsc", "pids": 1024}))
+    for backend, variant, over in rows:
+        base = "previous" if variant == "previous" else "hardened"
+        if backend == "bwrap" and base == "previous":
+            saved, bwrap.filter_fd = bwrap.filter_fd, lambda: None
+        try:
+            start = statistics.median(start_latency(backend, repeat, base, **over)) * 1e3
+            ex = statistics.median(exec_latency(backend, repeat * 3, base, **over)) * 1e3
+            with _make(backend, base, **over) as sb:
+                probe = "id -u; grep -E 'CapEff|NoNewPrivs' /proc/self/status | awk '{print $2}'"
+                who = " ".join(sb.exec(probe, timeout=30).stdout.split())
+        except Exception as e:  # e.g. runsc not registered or not runnable here: say so in the table
+            table.add_row(backend, variant, "-", "-", f"not run: {str(e)[:60]}")
+            continue
+        finally:
+            if backend == "bwrap" and base == "previous":
+                bwrap.filter_fd = saved
+        table.add_row(backend, variant, f"{start:.1f}", f"{ex:.1f}", who)
+    return table
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backends", nargs="+", default=["docker", "bwrap"], choices=["docker", "bwrap"])
@@ -123,8 +177,12 @@ def main() -> None:
     ap.add_argument("--concurrent", type=int, default=16)
     ap.add_argument("--calls", type=int, default=10, help="bash calls per sandbox in the throughput test")
     ap.add_argument("--gets", type=int, default=200, help="HTTP GETs per median in the allow-list test")
+    ap.add_argument("--only", choices=["hardening"], help="run only this table")
     args = ap.parse_args()
     console = Console()
+    if args.only == "hardening":
+        console.print(hardening_table(args.backends, args.repeat))
+        return
     table = Table(title="Sandbox latency and bash-tool throughput (medians; same run)")
     for col in ("backend", "start ms", "exec ms", "bash calls/s x1", f"bash calls/s x{args.concurrent}", "speed-up"):
         table.add_column(col, justify="right")
@@ -148,6 +206,7 @@ def main() -> None:
         cells = [*starts, *execs, direct, proxied]
         net.add_row(backend, *(f"{c:.1f}" for c in cells), f"{proxied / direct:.1f}x")
     console.print(net)
+    console.print(hardening_table(args.backends, args.repeat))
 
 
 if __name__ == "__main__":

@@ -158,6 +158,14 @@ def test_bad_config_names_the_field() -> None:
         small_config("bwrap", network="bridge")
     with pytest.raises(ValueError, match=r"ro_binds\[0\]"):
         small_config("docker", ro_binds=["relative:/x"])
+    with pytest.raises(ValueError, match="uid must be .* run_as_root"):
+        small_config("docker", uid=0)
+    with pytest.raises(ValueError, match="runtime and cap_add are Docker options"):
+        small_config("bwrap", runtime="runsc")
+    with pytest.raises(ValueError, match=r"cap_add\[0\]"):
+        small_config("docker", cap_add=["ALL"])
+    with pytest.raises(ValueError, match="pids must be >= 512 with runtime=runsc"):
+        small_config("docker", runtime="runsc", pids=64)
 
 
 @pytest.mark.docker

@@ -15,8 +15,19 @@ import time
 from pathlib import Path
 
 import pytest
-from sandbox_cases import BACKENDS, DISKS, RUN_ID, RUNSC, host_processes_with, resource_ok, started, wait_until_gone
+from sandbox_cases import (
+    BACKENDS,
+    DISKS,
+    RUN_ID,
+    RUNSC,
+    host_processes_with,
+    resource_ok,
+    small_config,
+    started,
+    wait_until_gone,
+)
 
+from klong_megatron.sandbox import SandboxError, make_sandbox
 from klong_megatron.sandbox.base import ExecResult, Sandbox
 
 GRACE_S = 2.0
@@ -174,6 +185,17 @@ def test_run_as_root_is_an_explicit_opt_in_with_only_the_documented_capabilities
         assert int(capeff.split()[1], 16) == 0xFB  # CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID
         raw = box.exec(py("import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, 1)"), timeout=10)
         assert raw.exit_code != 0 and "PermissionError" in raw.stderr  # NET_RAW is not among them
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_ro_bind_the_sandbox_user_cannot_read_is_refused_at_start_naming_it(backend: str) -> None:
+    if backend == "bwrap" and os.geteuid() != 0:
+        pytest.skip("without root bwrap runs as the caller, who can read the caller's files")
+    with tempfile.TemporaryDirectory(prefix="private-") as d:  # mode 0700
+        box = make_sandbox(small_config(backend, ro_binds=[f"{d}:/home/paper"]))
+        with pytest.raises(SandboxError, match=rf"ro_binds\[0\]: {d} is not readable .* chmod o\+rX"):
+            box.start()
+        box.close()
 
 
 def test_nothing_of_this_file_remains() -> None:
