@@ -257,6 +257,16 @@ def _materialize_optimizer_state(optimizer) -> None:
             opt._init_optimizer_states_with_dummy_values()
 
 
+def _unshare_torch_adam_steps(optimizer) -> None:
+    """Without TE/Apex, megatron-core 0.16.1's ``DistributedOptimizer.load_state_dict`` gives every parameter's
+    torch-Adam state the SAME ``step`` tensor, which Adam then increments once per parameter per step (wrong
+    bias correction after a resume). One tensor per parameter, as torch Adam keeps them."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for state in getattr(getattr(opt, "optimizer", None), "state", {}).values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+
+
 def _keep_torch_adam_step(module) -> None:
     """Without TE/Apex, torch Adam keeps a per-parameter ``step`` tensor that megatron-core 0.16.1's
     ``load_parameter_state_from_fully_reshardable`` leaves out of the tensors it hands to
@@ -305,6 +315,7 @@ def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None) -> 
     _unwrap(model).load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_torch_adam_steps(optimizer)
     if scheduler is not None:
         scheduler.load_state_dict(loaded["scheduler"])
     if not full:
