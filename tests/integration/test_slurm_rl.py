@@ -65,7 +65,8 @@ def _env(tmp: Path, **extra: str) -> dict[str, str]:
 def _submit_and_wait(tmp: Path, env: dict[str, str], overrides: list[str], timeout_s: float = 300) -> tuple[str, str]:
     """sbatch, poll squeue every second (``sbatch --wait`` polls up to 30 s apart), return (JobState, log)."""
     log = tmp / "job.out"
-    cmd = ["sbatch", "--parsable", f"--output={log}", "--time=8", "--cpus-per-task=1", str(SCRIPT), *overrides]
+    cmd = ["sbatch", "--parsable", f"--output={log}", "--time=8", "--cpus-per-task=1", "--gpus-per-node=0",
+           str(SCRIPT), *overrides]  # fmt: skip
     job = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.strip()
     deadline = time.monotonic() + timeout_s
     while subprocess.run(["squeue", "-h", "-j", job], capture_output=True, text=True).stdout.strip():

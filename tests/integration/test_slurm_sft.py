@@ -37,7 +37,7 @@ def cpu_demo_overrides(tmp: Path) -> list[str]:
 def _sbatch(tmp: Path, env_extra: dict[str, str], overrides: list[str]) -> tuple[subprocess.CompletedProcess, str]:
     log = tmp / "job.out"
     env = {**os.environ, "PYTHON": sys.executable, "GPUS_PER_NODE": "1", "OUT_DIR": str(tmp / "run"), **env_extra}
-    cmd = ["sbatch", "--wait", "--parsable", f"--output={log}", "--time=10", "--cpus-per-task=1",
+    cmd = ["sbatch", "--wait", "--parsable", f"--output={log}", "--time=10", "--cpus-per-task=1", "--gpus-per-node=0",
            str(ROOT / "slurm" / "sft.sbatch"), *overrides]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     return proc, log.read_text() if log.exists() else ""
@@ -65,3 +65,19 @@ def test_sbatch_bad_config_fails_naming_the_field(tmp_path: Path) -> None:
     proc, log = _sbatch(tmp_path, {"DRY_RUN": "1"}, ["experiment=demo", "trainer.global_batch_size=-1"])
     assert proc.returncode != 0
     assert "global_batch_size" in log and "ended: failed" in log
+
+
+def test_sbatch_requests_gpus_so_a_cluster_without_them_refuses_the_job() -> None:
+    """The script asks for --gpus-per-node; this GPU-less test cluster rejects it at submission."""
+    proc = subprocess.run(["sbatch", "--parsable", "--test-only", str(ROOT / "slurm" / "sft.sbatch")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode != 0 and "gres" in proc.stderr.lower(), proc.stderr
+
+
+def test_job_given_gpus_it_cannot_see_stops_before_training(tmp_path: Path) -> None:
+    """SLURM_GPUS_ON_NODE set (GPUs allocated) but no visible GPU: exit 1 naming both, no torchrun started."""
+    env = {**os.environ, "SLURM_GPUS_ON_NODE": "8", "PYTHON": sys.executable, "OUT_DIR": str(tmp_path / "run")}
+    proc = subprocess.run(["bash", str(ROOT / "slurm" / "sft.sbatch"), "experiment=demo"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "gave 8 GPU(s) per node but 0 are visible" in proc.stderr
