@@ -29,7 +29,8 @@ from klong_megatron.tasks.paperbench import PaperTask
 from klong_megatron.tasks.workspace import SUBMISSION
 
 GRADE_KEYS = ("reward", "reward_excluded", "judge_invalid_frac", "judge_invalid", "judge_per_category",
-              "blacklist_flagged", "blacklist_violations", "reproduce", "graded_dir", "grade_json")  # fmt: skip
+              "judge_token_usage", "blacklist_flagged", "blacklist_violations", "reproduce", "graded_dir",
+              "grade_json")  # fmt: skip
 
 
 def invalid_fraction(result: Any) -> float:
@@ -74,7 +75,7 @@ async def grade_paper_rollout(
     meta.update(blacklist_flagged=bool(violations), blacklist_violations=violations, reproduce=None)
     if violations:
         meta.update(reward=0.0, reward_excluded=False, judge_invalid_frac=0.0, judge_invalid=[],
-                    judge_per_category={}, graded_dir=None, grade_json=None)  # fmt: skip
+                    judge_per_category={}, judge_token_usage={}, graded_dir=None, grade_json=None)  # fmt: skip
         return traj
     work = Path(meta["workdir"])
     submission = work / SUBMISSION
@@ -92,7 +93,7 @@ async def grade_paper_rollout(
         meta["reproduce"] = rmeta.to_dict()
     out = graded.with_name(graded.name + ".grade.json")
     result = await judge.grade(graded, task.rubric, priority=priority, paper=task.paper,
-                               addendum=task.judge_addendum_text, out_path=out)  # fmt: skip
+                               addendum=task.addendum, judge_addendum=task.judge_addendum, out_path=out)  # fmt: skip
     frac = invalid_fraction(result)
     meta.update(
         reward=float(result.score),
@@ -100,6 +101,7 @@ async def grade_paper_rollout(
         judge_invalid_frac=frac,
         judge_invalid=list(result.invalid),
         judge_per_category=dict(result.per_category),
+        judge_token_usage=dict(getattr(result, "token_usage", {})),
         graded_dir=str(graded),
         grade_json=str(out),
     )

@@ -221,6 +221,7 @@ class RLTrainer:
                                             addendum=rl_task.addendum)  # fmt: skip
             frac = invalid_fraction(result)
             traj.meta.update(reward=result.score, judge_per_category=result.per_category,
+                             judge_token_usage=dict(result.token_usage),
                              judge_invalid=list(result.invalid), judge_invalid_frac=frac,
                              reward_excluded=frac > self.cfg.rl.max_invalid_frac)  # fmt: skip
             return traj
@@ -572,6 +573,8 @@ def _rollout_metrics(trajs: list[Trajectory]) -> dict[str, float]:
         "blacklist_flagged": float(sum(bool(t.meta.get("blacklist_flagged")) for t in trajs)),
     }
     out |= {f"judge/{k}": v for k, v in _category_means(trajs).items()}
+    for k in ("calls", "prompt_tokens", "completion_tokens"):  # judge cost of this iteration's rollouts
+        out[f"judge/{k}"] = float(sum(t.meta.get("judge_token_usage", {}).get(k, 0) for t in trajs))
     return out
 
 
