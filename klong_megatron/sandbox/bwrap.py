@@ -10,6 +10,11 @@ does the same to commands still running in other threads (their exec raises ``Sa
 ``network=allowlist``: the command runs as the child of the egress forwarder (egress.py, forwarder.py;
 host python3, ~35 ms more per command), which relays 127.0.0.1:3128 to the allow-list proxy's socket.
 
+Least privilege: the command runs as ``uid:gid`` inside a user namespace (``--disable-userns``: no nested
+ones), with no capabilities and no-new-privileges (bwrap's defaults), and a seccomp filter (seccomp.py)
+that refuses ptrace (PID 1, bwrap's init, runs under the same uid). The work dir is a size-limited disk
+(disk.py, ``workdir_mb``; needs root) or, with ``workdir_mb=None``, a plain host directory.
+
 Limits (say them plainly): memory is an address-space rlimit (an allocation fails inside the program,
 e.g. ``MemoryError``; no OOM killer); CPU is a CPU-seconds rlimit (``cpus`` is not enforced); the
 process limit is an nproc rlimit, which only binds a non-root uid, so when run as root each sandbox

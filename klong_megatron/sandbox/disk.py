@@ -5,12 +5,12 @@ it (``mkfs.ext4``, no journal, no reserved blocks, root directory owned by the s
 mounts it (``loop,nosuid,nodev``) on ``<host_dir>/klong-sbx-<pid>-XXXX``, which the backend binds at the
 sandbox's work dir. ``remove()`` unmounts (lazily if a container still holds it) and deletes both.
 
-What it enforces: the work dir holds at most ``size_mb`` of data and one inode (file, directory, link) per
-16 KiB of it (``mkfs.ext4 -i 16384``); a write beyond either fails inside the sandbox with ENOSPC ("No space left on device"),
-and the host file system grows by at most ``size_mb`` (the image is sparse). ``nosuid`` means a setuid
-file in the work dir grants nothing. Limits: needs root on the host (mount) and ``mkfs.ext4``; Docker
-needs a local engine (the mount point is bind-mounted). The reaper (_common.reap_dead_dirs) unmounts and
-removes disks whose creating process died.
+What it enforces: the work dir holds at most ``size_mb`` of data and one inode (file, directory, link)
+per 16 KiB of it (``mkfs.ext4 -i 16384``); a write beyond either fails inside the sandbox with ENOSPC
+("No space left on device"), and the host file system grows by at most ``size_mb`` (the image is
+sparse). ``nosuid`` means a setuid file in the work dir grants nothing. Limits: needs root on the host
+(mount) and ``mkfs.ext4``; Docker needs a local engine (the mount point is bind-mounted). The reaper
+(_common.reap_dead_dirs) unmounts and removes disks whose creating process died.
 """
 
 from __future__ import annotations

@@ -1,24 +1,31 @@
 """Docker sandbox: one long-lived container per sandbox, commands run with ``docker exec``.
 
 Dataflow: start() creates a labelled container (no network, memory/CPU/pids limits, read-only root,
-tmpfs /tmp, a work volume) whose init is a tiny shell loop that reaps orphans. exec() streams the
+tmpfs /tmp, the work dir) whose init is a tiny shell loop that reaps orphans. exec() streams the
 command's multiplexed output over the engine socket into bounded captures until it ends or the
 deadline passes. Every command runs under ``REAP_WRAPPER``, so background jobs die when it returns.
 On timeout every process but init is killed from a fresh exec; when even that cannot run (pids
-exhausted) the container itself is killed and started again in the background: files in the work
-volume survive, /tmp does not. A container found dead is restarted once
+exhausted, or it does not finish within ``KILL_PROBE_S``) the container itself is killed and started
+again in the background: files in the work dir survive, /tmp does not. A container found dead is restarted once
 and the call retried (logged). Containers carry labels (run id, host, pid): the first start in a
 process removes those whose creating process is gone (``reap_leftovers``), and an exit hook removes
 this process's own; ``docker ps -f label=klong.run=<run_id>`` lists a run's sandboxes.
+
+Least privilege: every command runs as ``uid:gid`` (1000 by default) with no capabilities
+(``--cap-drop ALL``), ``no-new-privileges`` and the engine's default seccomp profile; init runs as uid 0
+without capabilities, so commands can neither signal nor ptrace it. ``run_as_root`` adds back ``ROOT_CAPS``,
+``cap_add`` named ones; ``runtime`` picks the OCI runtime (e.g. runsc).
 
 ``network=allowlist``: the container still has no network; its PID 1 is the egress forwarder (egress.py,
 forwarder.py; it reaps orphans like the shell init, and ``kill -1`` cannot touch it), which relays
 127.0.0.1:3128 to this process's allow-list proxy through a bind-mounted unix socket. start() waits until
 the forwarder is listening; the image needs python3 (>= 3.8) for it.
 
-Limits: the work volume is a Docker named volume (works with remote engines and rootless Docker; the
-allow-list's socket needs a local engine);
-disk use is not bounded beyond ``max_file_mb`` per file. A sandbox serves one caller at a time.
+Work dir: with ``workdir_mb`` (the default) a size-limited ext4 disk (disk.py) bind-mounted from the host
+(needs a local engine and root); with ``workdir_mb=None`` a Docker named volume (works with remote engines and
+rootless Docker), chowned to the command user by a one-shot container holding only CAP_CHOWN; its size is
+then bounded only per file (``max_file_mb``). The allow-list's socket needs a local engine. A sandbox
+serves one caller at a time.
 """
 
 from __future__ import annotations
