@@ -40,7 +40,7 @@ from klong_megatron.megatron.parallel import (
 from klong_megatron.megatron.step import make_forward_step
 from klong_megatron.megatron.training import build_training_model, resolve_bf16
 from klong_megatron.sft.batches import BatchPlan, GlobalBatches, eval_batches, micro_batches, thd_batch_for_cp_rank
-from klong_megatron.sft.metrics import flops_per_token
+from klong_megatron.sft.metrics import flops_from_sums
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -152,10 +152,19 @@ class SFTTrainer:
         self._log_info(f"resumed at step {self.state.step} (consumed_samples {self.state.consumed_samples})")
 
     # ----- one step ----------------------------------------------------------------------------
+    def _collate_counting_windows(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """``collate`` that also adds each real window's length n to ``sum n`` and ``sum n^2`` (for FLOPs)."""
+        for s in samples:
+            lengths = torch.diff(s["cu_seqlens"].long())[: len(s["trajectory_ids"])].double()  # not the padding
+            self._window_sums += torch.stack([lengths.sum(), (lengths * lengths).sum()])
+        return self.collate(samples)
+
     def _run_batch(self, global_indices: list[int], dataset, *, forward_only: bool) -> tuple[float, float, float]:
-        """Forward(+backward) one global batch. Returns (loss mean over trained tokens, trained tokens, windows)."""
+        """Forward(+backward) one global batch. Returns (loss mean over trained tokens, trained tokens, windows);
+        ``self.window_sums`` becomes (sum n, sum n^2) over the batch's windows (all DP ranks)."""
         local = self.plan.local_slice(global_indices)
-        mbs = micro_batches(dataset, local, self.plan.micro_batch_size, self.collate)
+        self._window_sums = torch.zeros(2, dtype=torch.float64)
+        mbs = micro_batches(dataset, local, self.plan.micro_batch_size, self._collate_counting_windows)
         windows = float(sum(len(ids) for mb in mbs for ids in mb["trajectory_ids"]))
         self._batch_ids = [ids for mb in mbs for ids in mb["trajectory_ids"]]
         # pipeline buffers: (S, mbs, H) for rows; (mbs*S, 1, H) for a flat THD sequence (Megatron divides by CP)
@@ -171,16 +180,18 @@ class SFTTrainer:
             micro_batch_size=mbs_size,
             forward_only=forward_only,
         )
-        totals = torch.zeros(3, dtype=torch.float64, device=_device())
+        totals = torch.zeros(5, dtype=torch.float64, device=_device())
         if parallel_state.is_pipeline_last_stage():
             for item in out:  # this CP rank's share of the tokens; the CP ranks' sums add up below
                 totals[:2] += item["lm loss"].to(totals)
-            totals[2] = windows if parallel_state.get_context_parallel_rank() == 0 else 0.0
+            if parallel_state.get_context_parallel_rank() == 0:
+                totals[2] = windows
+                totals[3:] = self._window_sums.to(totals)
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(totals, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                            group=parallel_state.get_pipeline_model_parallel_group())  # fmt: skip
-        loss_sum, tokens, windows = totals.tolist()
+        loss_sum, tokens, windows, *self.window_sums = totals.tolist()
         return loss_sum / max(tokens, 1.0), tokens, windows
 
     def train_step(self) -> dict[str, float]:
@@ -205,9 +216,10 @@ class SFTTrainer:
             "tokens_per_s": seq_tokens / elapsed, "windows": windows, "trained_tokens": tokens,
             "step_time_s": elapsed,
         }  # fmt: skip
-        tflops = flops_per_token(self.cfg.model, self.seq_len) * seq_tokens / elapsed / 1e12
+        # model FLOPs of the real windows (attention per window, padding not counted), per device
+        tflops = flops_from_sums(self.cfg.model, *self.window_sums) / elapsed / 1e12
         metrics["tflops"] = tflops / dist.get_world_size()
-        if self.cfg.cluster.peak_tflops:
+        if self.cfg.cluster.peak_tflops:  # the datasheet dense bf16 peak (cluster presets)
             metrics["mfu"] = metrics["tflops"] / self.cfg.cluster.peak_tflops
         return metrics
 
