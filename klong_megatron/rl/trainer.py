@@ -104,10 +104,7 @@ class RLTrainer:
         self.renderer = Renderer(load_tokenizer(cfg.data.tokenizer))
         self.ctx = ContextPolicy.from_renderer(cfg.data.policy, self.renderer)
         self.train_tasks, self.eval_tasks = build_task_sets(cfg.tasks)
-        for t in self.train_tasks + self.eval_tasks:  # judge.code_only / zero_weight / max_depth, as klong-judge
-            t.rubric = prepare_rubric(t.rubric, cfg.judge)
-            if t.paper_task is not None:
-                t.paper_task.rubric = t.rubric
+        prepare_rubrics(self.train_tasks + self.eval_tasks, cfg.judge)
         self.by_id = {t.task_id: t for t in self.train_tasks + self.eval_tasks}
         self.save_dir = Path(cfg.trainer.save_dir or self.out / "checkpoints")
         self.state_path = self.out / "rl_state.json"
@@ -553,6 +550,15 @@ def _sample_rows(trajs: list[Trajectory], k: int = 4, chars: int = 6000) -> list
         m = t.meta
         rows.append([m["task"], m["reward"], m["turns"], m["duration_s"], m.get("finish_reason"), text])
     return rows
+
+
+def prepare_rubrics(tasks: list[RLTask], judge_cfg: Any) -> None:
+    """Apply the judge's rubric transforms (code_only, zero_weight_categories, max_depth) to every task in
+    place, as klong-judge and klong-eval do (``judge.factory.prepare_rubric``); paper tasks grade with it too."""
+    for t in tasks:
+        t.rubric = prepare_rubric(t.rubric, judge_cfg)
+        if t.paper_task is not None:
+            t.paper_task.rubric = t.rubric
 
 
 def _rollout_metrics(trajs: list[Trajectory]) -> dict[str, float]:
