@@ -143,9 +143,7 @@ class ChatPool:
         """The reply text (``choices[0].message.content``) of one chat completion (see :meth:`complete`)."""
         return (await self.complete(messages, priority=priority, **params)).content
 
-    async def complete(
-        self, messages: list[dict[str, str]], *, priority: str = "train", **params: Any
-    ) -> ChatReply:
+    async def complete(self, messages: list[dict[str, str]], *, priority: str = "train", **params: Any) -> ChatReply:
         """One chat completion with its usage.
 
         ``params`` go into the request body (temperature, max_tokens, reasoning_effort, response_format, ...).
