@@ -28,6 +28,8 @@ class ParallelConfig:
     """Shard Adam state across data-parallel ranks (ZeRO-1)."""
     recompute_granularity: str | None = None
     """Activation recomputation: null, "selective" or "full" (one layer at a time)."""
+    overlap_grad_reduce: bool | None = None
+    """Overlap the data-parallel gradient reduce with the backward pass (Megatron DDP buckets); None: on a GPU."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "cp", "ep"):

@@ -43,10 +43,16 @@ def build_training_model(model_cfg: ModelConfig, t: TrainerConfig, *, init_from_
         model = Float16Module(config, model)
     config.calculate_per_token_loss = True
     config.finalize_model_grads_func = finalize_model_grads
+    overlap = t.parallel.overlap_grad_reduce
+    overlap = torch.cuda.is_available() if overlap is None else overlap
     ddp_cfg = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=t.parallel.use_distributed_optimizer
-    )
+        grad_reduce_in_fp32=True, use_distributed_optimizer=t.parallel.use_distributed_optimizer,
+        overlap_grad_reduce=overlap,
+    )  # fmt: skip
     model = DistributedDataParallel(config, ddp_cfg, model)
+    if overlap:  # as Megatron-LM's training loop: reduce only after the last micro-batch, bucket by bucket
+        config.no_sync_func = model.no_sync
+        config.grad_sync_func = model.start_grad_sync
     opt_cfg = OptimizerConfig(
         optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay, adam_beta1=t.adam_beta1,
         adam_beta2=t.adam_beta2, adam_eps=t.adam_eps, clip_grad=t.clip_grad, bf16=bf16,

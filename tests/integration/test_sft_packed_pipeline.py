@@ -2,7 +2,8 @@
 like [mbs, S] rows, also through a 2-stage pipeline with micro-batch 2 (pipeline buffers (mbs*S, 1, H)).
 
 Without Transformer Engine the flat sequence runs through the local spec under a [1,1,T,T] block mask
-(``trainer.packed_format=thd``), so the pipeline shapes of the GPU path are exercised on CPU (gloo).
+(``trainer.packed_format=thd``), so the pipeline shapes of the GPU path are exercised on CPU (gloo). Also the
+GPU default of overlapping the data-parallel gradient reduce with the backward pass.
 """
 
 from __future__ import annotations
@@ -29,8 +30,18 @@ def _run(out: Path, nproc: int, overrides: list[str]) -> list[float]:
     return json.loads((out / "summary.json").read_text())["losses"]
 
 
-def test_flat_packed_micro_batch_2_through_two_pipeline_stages_matches_rows(tmp_path: Path) -> None:
-    rows = _run(tmp_path / "rows", 1, [])
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory: pytest.TempPathFactory) -> list[float]:
+    return _run(tmp_path_factory.mktemp("rows") / "run", 1, [])
+
+
+def test_flat_packed_micro_batch_2_through_two_pipeline_stages_matches_rows(tmp_path: Path, rows) -> None:
     flat_pp2 = _run(tmp_path / "flat-pp2", 2, ["trainer.packed_format=thd", "trainer.parallel.pp=2"])
     assert len(rows) == len(flat_pp2) == 3
     assert flat_pp2 == pytest.approx(rows, abs=2e-5)
+
+
+def test_gradient_reduce_overlapped_with_backward_matches(tmp_path: Path, rows) -> None:
+    """DP 2 with Megatron DDP's overlapped bucket reduce (the GPU default) trains like one process."""
+    dp2 = _run(tmp_path / "dp2-overlap", 2, ["trainer.parallel.overlap_grad_reduce=true"])
+    assert dp2 == pytest.approx(rows, abs=2e-5)
