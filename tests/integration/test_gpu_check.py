@@ -1,0 +1,30 @@
+"""tools/gpu_check.sh writes its JSON report; a check whose requirement is missing is skipped with the reason."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_check_reports_versions_and_skips_what_is_missing_with_the_reason(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    cmd = ["bash", str(ROOT / "tools" / "gpu_check.sh"), "--out", str(out), "--only", "versions", "te_thd_vs_mask",
+           "logprobs_32k"]  # fmt: skip
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=240, env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}
+    )
+    report = json.loads(out.read_text())
+    checks = report["checks"]
+    assert checks["versions"]["status"] == "pass" and checks["versions"]["torch"] == torch.__version__
+    assert checks["versions"]["megatron-core"] == "0.16.1"
+    if not torch.cuda.is_available():
+        assert checks["logprobs_32k"] == {"status": "skipped", "reason": checks["logprobs_32k"]["reason"]}
+        assert "no CUDA device" in checks["logprobs_32k"]["reason"]
+        assert checks["te_thd_vs_mask"]["status"] == "skipped"
+        assert proc.returncode == 0 and report["ok"], proc.stdout + proc.stderr
