@@ -8,8 +8,9 @@
 # `docker import` because no registry is reachable. The root filesystem tarball is cached under
 # CACHE_DIR so that a wiped engine re-imports it in seconds instead of re-running debootstrap.
 # runsc: when /usr/bin/runsc exists (Debian package runsc), `start` adds it to DAEMON_JSON's "runtimes"
-# (with --network=none: gVisor's own network stack refuses Docker's netns here and sandboxes have none)
-# and reloads a running engine with SIGHUP, so `docker run --runtime=runsc` works without a restart.
+# with RUNSC_ARGS (--network=none: gVisor's own network stack refuses Docker's netns here and sandboxes
+# have none; --host-uds=open: the allow-list forwarder connects to its bind-mounted unix socket) and
+# reloads a running engine with SIGHUP, so `docker run --runtime=runsc` works without a restart.
 # Knobs: IMAGE, CACHE_DIR, DEBIAN_MIRROR (debootstrap's default when empty), EXTRA_PACKAGES, DAEMON_JSON.
 set -euo pipefail
 IMAGE=${IMAGE:-klong-sandbox:bookworm}
@@ -19,6 +20,7 @@ EXTRA_PACKAGES=${EXTRA_PACKAGES:-}
 PACKAGES="python3,procps${EXTRA_PACKAGES:+,$EXTRA_PACKAGES}"
 STATE_DIR=${STATE_DIR:-/run/klong-dockerd}
 DAEMON_JSON=${DAEMON_JSON:-/etc/docker/daemon.json}
+RUNSC_ARGS=${RUNSC_ARGS:---network=none --host-uds=open}
 
 log() { echo "[docker_engine $(date +%H:%M:%S)] $*" >&2; }
 
@@ -47,24 +49,28 @@ start_engine() {
 register_runsc() {
     local runsc
     runsc=$(command -v runsc) || { log "runsc not installed; the runsc runtime is not registered"; return 0; }
-    if docker info --format '{{json .Runtimes}}' 2>/dev/null | grep -q '"runsc"'; then
-        log "runtime runsc already registered"
+    local want
+    want=$(python3 -c 'import json, sys; print(json.dumps({"path": sys.argv[1], "runtimeArgs": sys.argv[2].split()}))' \
+        "$runsc" "$RUNSC_ARGS")
+    if docker info --format '{{json .Runtimes.runsc}}' 2>/dev/null | python3 -c 'import json, sys; sys.exit(json.loads(sys.stdin.read() or "null") != json.loads(sys.argv[1]))' "$want"; then
+        log "runtime runsc already registered ($RUNSC_ARGS)"
         return 0
     fi
     mkdir -p "$(dirname "$DAEMON_JSON")"
     # Merge into an existing daemon.json instead of overwriting the operator's settings.
-    python3 - "$DAEMON_JSON" "$runsc" <<'PY'
+    python3 - "$DAEMON_JSON" "$want" <<'PY'
 import json, os, sys
-path, runsc = sys.argv[1], sys.argv[2]
+path, want = sys.argv[1], json.loads(sys.argv[2])
 cfg = json.load(open(path)) if os.path.exists(path) and os.path.getsize(path) else {}
-cfg.setdefault("runtimes", {})["runsc"] = {"path": runsc, "runtimeArgs": ["--network=none"]}
+cfg.setdefault("runtimes", {})["runsc"] = want
 json.dump(cfg, open(path, "w"), indent=2)
 PY
     local pid
     pid=$(cat "$STATE_DIR/dockerd.pid" 2>/dev/null || pgrep -x dockerd || true)
     [ -n "$pid" ] && kill -HUP "$pid"
     for _ in $(seq 1 40); do
-        docker info --format '{{json .Runtimes}}' | grep -q '"runsc"' && { log "runtime runsc registered ($runsc)"; return 0; }
+        docker info --format '{{json .Runtimes.runsc}}' | grep -q -- "${RUNSC_ARGS##* }" &&
+            { log "runtime runsc registered ($runsc $RUNSC_ARGS)"; return 0; }
         sleep 0.25
     done
     log "runsc written to $DAEMON_JSON but the engine did not load it (restart dockerd)"

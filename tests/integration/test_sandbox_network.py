@@ -9,7 +9,7 @@ so requests to the host servers clear it to go through the proxy, as a request t
 from __future__ import annotations
 
 import pytest
-from sandbox_cases import BACKENDS, HostHttpServer, started
+from sandbox_cases import BACKENDS, RUNSC, HostHttpServer, started
 
 from klong_megatron.sandbox.base import Sandbox
 
@@ -42,7 +42,7 @@ def servers():
         s.close()
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
+@pytest.fixture(scope="module", params=[*BACKENDS, RUNSC])
 def box(request: pytest.FixtureRequest, servers):
     a, _, c = servers
     sb = started(request.param, network="allowlist", allow=[f"127.0.0.1:{a.port}"], pip_index_url=c.url("/simple/"))
@@ -91,7 +91,8 @@ def test_direct_connections_bypassing_the_proxy_fail(box: Sandbox, servers) -> N
     routes = box.exec(
         "python3 -c \"import socket; socket.create_connection(('203.0.113.7', 80), timeout=3)\"", timeout=30
     )
-    assert routes.exit_code != 0 and "unreachable" in routes.stderr.lower()
+    why = routes.stderr.lower()  # Linux: "network is unreachable"; gVisor: "no route to host"
+    assert routes.exit_code != 0 and ("unreachable" in why or "no route to host" in why), routes
     ifaces = box.exec("tail -n +3 /proc/net/dev | cut -d: -f1", timeout=10).stdout.split()
     assert ifaces == ["lo"] and len(a.hits) == hits
 
