@@ -4,8 +4,8 @@ Dataflow of ``hf_tensor_stream(model, cfg)`` (collective: every rank of the trai
 units in HF order (embedding, decoder layers 0..L-1, final norm, output layer) -> the pipeline stage
 that owns a unit (``layer_number`` of its layers, first / last stage for the ends; all ranks agree on
 the table through one ``all_gather_object``) gathers it: a TP-split parameter (``tensor_model_parallel``,
-``partition_dim``) is all-gathered in its TP group (expert parameters in the expert-TP group; a gated
-``linear_fc1`` shard ``[gate_r; up_r]`` is gathered per half), expert ``e`` of EP rank ``r`` becomes
+``partition_dim``) is all-gathered in its TP group (expert parameters in the expert-TP group; a strided
+shard, SwiGLU ``linear_fc1``'s ``[gate_r; up_r]``, is gathered per part), expert ``e`` of EP rank ``r`` becomes
 global expert ``r * local + e`` (all-gathered in the EP group) -> the stage's lowest global rank holds
 the full Megatron tensors of the unit, converts them with ``hf.layer_to_hf`` and sends them to global
 rank 0 (``send_object_list`` for names / shapes / dtypes, then one ``send`` per tensor) -> global rank
@@ -49,10 +49,8 @@ def _full(name: str, p: torch.Tensor) -> torch.Tensor:
     group = ps.get_expert_tensor_parallel_group() if expert else ps.get_tensor_model_parallel_group()
     size = dist.get_world_size(group)
     dim = int(getattr(p, "partition_dim", 0))
-    if name.endswith("linear_fc1.weight"):  # gated: each rank holds [gate_r; up_r]
-        gate, up = p.detach().chunk(2)
-        return torch.cat([_gather(gate, dim, group, size), _gather(up, dim, group, size)])
-    return _gather(p.detach(), dim, group, size)
+    stride = int(getattr(p, "partition_stride", 1))  # SwiGLU fc1: each rank holds [gate_r; up_r] (stride 2)
+    return torch.cat([_gather(part, dim, group, size) for part in p.detach().chunk(stride, dim=dim)], dim=dim)
 
 
 def _unit_tensors(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:

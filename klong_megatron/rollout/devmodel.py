@@ -52,6 +52,8 @@ class CausalLM(Protocol):
 
     def load_tensors(self, tensors: dict[str, torch.Tensor], *, strict: bool = True) -> list[str]: ...
 
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]: ...
+
 
 class HFCausalLM:
     """A local Hugging Face causal LM (``AutoModelForCausalLM``), fp32 on CPU unless told otherwise."""
@@ -91,14 +93,34 @@ class HFCausalLM:
         new = HFCausalLM.from_dir(path, device=self.device, dtype=next(self.model.parameters()).dtype)
         self.model.load_state_dict(new.model.state_dict(), strict=True)
 
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """The model's tensors under the names of its checkpoint files (views, no copies).
+
+        transformers keeps MoE experts fused in memory (``mlp.experts.gate_up_proj`` ``[E, 2I, H]``,
+        ``mlp.experts.down_proj`` ``[E, H, I]``) while checkpoints (and SGLang's loaders) name them per
+        expert (``mlp.experts.{e}.{gate,up,down}_proj.weight``); both directions use this mapping."""
+        out: dict[str, torch.Tensor] = {}
+        for name, t in self.model.state_dict().items():
+            if name.endswith("mlp.experts.gate_up_proj"):
+                base = name.removesuffix("gate_up_proj")
+                for e, both in enumerate(t):
+                    gate, up = both.chunk(2)
+                    out[f"{base}{e}.gate_proj.weight"], out[f"{base}{e}.up_proj.weight"] = gate, up
+            elif name.endswith("mlp.experts.down_proj"):
+                base = name.removesuffix("down_proj")
+                out.update({f"{base}{e}.down_proj.weight": d for e, d in enumerate(t)})
+            else:
+                out[name] = t
+        return out
+
     def load_tensors(self, tensors: dict[str, torch.Tensor], *, strict: bool = True) -> list[str]:
         """Copy the given HF-named tensors in place (any subset; cast to the model's dtype/device).
 
         All names and shapes are checked before anything is copied: a bad update changes nothing.
         An unknown name raises ValueError, or (``strict=False``, SGLang's behaviour) is skipped and
-        returned.
+        returned. Names are checkpoint names (per-expert for MoE, see :meth:`checkpoint_tensors`).
         """
-        own = self.model.state_dict()
+        own = self.checkpoint_tensors()
         skipped = [n for n in tensors if n not in own]
         if skipped and strict:
             raise ValueError(f"unknown parameter {skipped[0]!r} (not in this {type(self.model).__name__})")
@@ -300,7 +322,7 @@ class DevModel:
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
         """The model's parameters and persistent buffers under HF names (for the weight checker)."""
-        return dict(self.lm.model.state_dict())
+        return self.lm.checkpoint_tensors()
 
 
 class DevEngine:

@@ -6,7 +6,7 @@ each server joins as ranks ``rank_offset .. rank_offset + tp_size - 1`` (``/init
 ``names`` (``/update_weights_from_distributed``), and every server receives into empty tensors of the
 request's ``dtypes`` / ``shapes``.
 
-The group is built exactly like SGLang's ``init_custom_process_group`` (``tcp://`` rendezvous,
+The group is built exactly like SGLang's ``init_custom_process_group`` (the ``tcp://`` rendezvous' store,
 ``PrefixStore(group_name)``, torch's process-group helper with ``group_name``), so that the store
 keys under which NCCL exchanges its unique id match on both sides: a trainer using this module can
 feed real SGLang servers, and ``klong-devserver`` receives from it the way SGLang does. The group is
@@ -58,16 +58,17 @@ def init_weight_group(
     ``timeout_s`` also bounds every later collective of the group. Raises ValueError for bad
     arguments and torch's DistNetworkError / RuntimeError when the rendezvous fails.
     """
-    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world, rendezvous
+    from torch.distributed import TCPStore
+    from torch.distributed.distributed_c10d import Backend, PrefixStore, _new_process_group_helper, _world
 
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside the group of world_size {world_size}")
     timeout = datetime.timedelta(seconds=timeout_s)
-    store, rank, world_size = next(
-        rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
-    )
+    # What torch's tcp:// rendezvous builds outside torchrun (rendezvous.py _create_c10d_store); built directly
+    # because under torchrun (TORCHELASTIC_USE_AGENT_STORE) the rendezvous would make rank 0 a client too.
+    store = TCPStore(master_address, master_port, world_size, is_master=rank == 0, timeout=timeout, multi_tenant=True)
     store.set_timeout(timeout)
     store = PrefixStore(group_name, store)
     pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store, group_name=group_name,
