@@ -20,6 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from klong_megatron.cli._errors import report
 from klong_megatron.judge.calibrate import REFERENCE, Example, calibration_report, load_examples
 
 console = Console()
@@ -96,18 +97,17 @@ def main(argv: list[str]) -> int:
             raise ValueError("judge.max_depth must be null for calibration: human grades are per leaf")
         examples = load_examples(args.data, args.papers)
     except (ValueError, FileNotFoundError) as e:
-        console.print(f"[red]klong-judge calibrate: {e}[/red]")
-        return 2
+        return report("klong-judge calibrate", e)
     out = args.out or args.data / "calibration.json"
     console.print(f"{len(examples)} human-graded examples: {', '.join(ex.id for ex in examples)}")
     with console.status("grading ..."):
         predictions = asyncio.run(_grade_all(cfg, examples, out.parent / "calibration_grades"))
-    report = calibration_report(examples, predictions)
-    console.print(_table(report))
+    result = calibration_report(examples, predictions)
+    console.print(_table(result))
     console.print("reference macro-F1 (PaperBench): o3-mini-high 0.827, random 0.504")
-    if report["invalid_leaves"]:
-        console.print(f"[yellow]{report['invalid_leaves']} leaves could not be graded and are left out[/yellow]")
+    if result["invalid_leaves"]:
+        console.print(f"[yellow]{result['invalid_leaves']} leaves could not be graded and are left out[/yellow]")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    out.write_text(json.dumps(result, indent=2))
     console.print(f"report: {out}")
     return 0

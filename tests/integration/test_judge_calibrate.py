@@ -100,14 +100,14 @@ def test_calibrate_reports_pooled_macro_f1_and_confusion_counts(tmp_path: Path, 
 
 def test_calibrate_names_bad_layouts(tmp_path: Path, capsys) -> None:
     assert main(["calibrate", str(tmp_path), "judge.context_window=null", "judge.tokenizer=null"]) == 2
-    assert "expected_result.json" in capsys.readouterr().out
+    assert "klong-judge calibrate: error:" in capsys.readouterr().err
     ex = _example(tmp_path / "d")
     assert main(["calibrate", str(tmp_path / "d"), "judge.context_window=null", "judge.tokenizer=null"]) == 2
-    assert "paper of example stochastic-interpolants/0 not found" in capsys.readouterr().out.replace("\n", "")
+    assert "paper of example stochastic-interpolants/0 not found" in capsys.readouterr().err
     raw = json.loads((ex / "grading" / "expected_result.json").read_text())
     raw["sub_tasks"][0]["sub_tasks"] = []
     raw["sub_tasks"][0]["score"] = 0.5
     (ex / "grading" / "expected_result.json").write_text(json.dumps(raw))
     assert main(["calibrate", str(tmp_path / "d"), "--papers", str(TASKS), "judge.context_window=null",
                  "judge.tokenizer=null"]) == 2  # fmt: skip
-    assert "'score' must be 0 or 1" in capsys.readouterr().out.replace("\n", "")
+    assert "'score' must be 0 or 1" in capsys.readouterr().err

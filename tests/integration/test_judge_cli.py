@@ -47,9 +47,9 @@ def test_cli_grades_a_real_task_folder_and_prints_categories(submission: Path, c
 
 def test_cli_refuses_a_context_window_without_the_judge_tokenizer(submission: Path, capsys) -> None:
     assert main([str(submission), str(RUBRIC), "--dry-run", "judge.tokenizer=null"]) == 2
-    assert "tokenizer must be set when context_window is set" in capsys.readouterr().out.replace("\n", "")
+    assert "tokenizer must be set when context_window is set" in capsys.readouterr().err
     assert main([str(submission), str(RUBRIC), "--dry-run", "judge.model=/no/such/model"]) == 2
-    assert "no tokenizer.json" in capsys.readouterr().out.replace("\n", "")
+    assert "no tokenizer.json" in capsys.readouterr().err
 
 
 def test_cli_reports_invalid_leaves_with_exit_code_3(submission: Path, capsys: pytest.CaptureFixture) -> None:
@@ -79,9 +79,9 @@ def test_cli_bad_inputs_exit_2_naming_the_problem(submission: Path, tmp_path: Pa
     raw["sub_tasks"][0]["weight"] = -1
     bad.write_text(json.dumps(raw))
     assert main([str(submission), str(bad), "--dry-run"]) == 2
-    assert f"node {raw['sub_tasks'][0]['id']!r} at $.sub_tasks[0]" in capsys.readouterr().out.replace("\n", "")
+    assert f"node {raw['sub_tasks'][0]['id']!r} at $.sub_tasks[0]" in capsys.readouterr().err
     assert main([str(submission), str(RUBRIC), "--dry-run", "judge.max_concurrent_jobs=0"]) == 2
-    assert "max_concurrent_jobs" in capsys.readouterr().out
+    assert "max_concurrent_jobs" in capsys.readouterr().err
     assert main([str(tmp_path / "nope"), str(RUBRIC), "--dry-run"]) == 2
     assert main([str(submission), str(RUBRIC), "--dry-run", TOKENIZER]) == 0
     assert "69 leaves" in capsys.readouterr().out
