@@ -220,6 +220,10 @@ class RLConfig:
         if reserve < new:
             raise ValueError(f"data.policy.gen_reserve ({reserve}) must hold a whole assistant turn: at least "
                              f"rollout.sampling.max_new_tokens ({new}) + the turn's header and end tokens")  # fmt: skip
+        sample_t, score_t = self.rollout.sampling.temperature, self.algo.temperature
+        if sample_t != score_t:  # SGLang reports log_softmax(logits / T): old/ref log-probs and TIS must use T
+            raise ValueError(f"algo.temperature ({score_t}) must equal rollout.sampling.temperature ({sample_t}): "
+                             "rollout log-probs are at the sampling temperature, so must the trainer's be")  # fmt: skip
         seq = self.data.policy.max_len
         if seq > self.model.seq_length:
             raise ValueError(f"data.policy.max_len ({seq}) exceeds model.seq_length ({self.model.seq_length})")

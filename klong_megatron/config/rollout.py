@@ -89,8 +89,25 @@ class RolloutConfig:
     export_dir: str = "rollouts/workdirs"
     """Each rollout's sandbox work dir is exported here for the judge."""
     devserver: DevServerConfig = field(default_factory=DevServerConfig)
+    weight_pause_mode: str = "abort"
+    """How a weight update pauses generation (SGLang /pause_generation): abort (aborted turns are re-queued
+    and regenerated), retract (KV cache recomputed after the update) or in_place (old KV cache kept; no flush)."""
+    weight_timeout_s: float = 600.0
+    """Bound on each weight-update call (begin/end, one bucket, a disk load); control calls keep 60 s."""
+    weight_bucket_mb: int = 512
+    """rl.weight_sync=distributed: tensors per /update_weights_from_distributed call (a larger tensor goes alone)."""
+    weight_verify: str = "changed"
+    """After a broadcast push: checksum (every tensor's /weights_checker checksum under its HF name: dev
+    servers), changed (the engine checksum moved when the weights did: SGLang) or off."""
 
     def __post_init__(self) -> None:
+        if self.weight_pause_mode not in ("abort", "retract", "in_place"):
+            raise ValueError(f"weight_pause_mode must be abort, retract or in_place, got {self.weight_pause_mode!r}")
+        if self.weight_verify not in ("checksum", "changed", "off"):
+            raise ValueError(f"weight_verify must be checksum, changed or off, got {self.weight_verify!r}")
+        if self.weight_bucket_mb < 1 or self.weight_timeout_s <= 0:
+            raise ValueError(f"weight_bucket_mb must be >= 1 and weight_timeout_s > 0, got {self.weight_bucket_mb}, "
+                             f"{self.weight_timeout_s}")  # fmt: skip
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.engine == "sglang" and not self.servers:

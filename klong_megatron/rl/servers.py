@@ -3,8 +3,8 @@
 ``rollout.engine=sglang``: the servers in ``rollout.servers`` (started by ``slurm/rl.sbatch``) are used
 as they are. ``rollout.engine=dev``: the run starts ``klong-devserver`` subprocesses itself (one per
 ``rollout.devserver`` entry count, each on a free port) over the exported policy. Either way the
-agent talks to them over HTTP with the same SGLang client, and ``push(path, version)`` calls
-``/update_weights_from_disk`` on every server (``abort`` + flush are the server's business).
+agent talks to them over HTTP with the same SGLang client, and ``push(path, version)`` runs SGLang's
+disk update on every server (pause, ``/update_weights_from_disk``, continue, version check: ``rollout/sglang.py``).
 """
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ class RolloutServers:
             max_inflight=cfg.max_inflight_per_server,
             max_attempts=cfg.max_attempts,
             cooldown_s=cfg.server_cooldown_s,
+            weight_timeout_s=cfg.weight_timeout_s,
+            pause_mode=cfg.weight_pause_mode,
         )
         self.urls = urls
 

@@ -162,6 +162,8 @@ class RLTrainer:
             master_address=r.weight_sync_address or socket.gethostname(),
             master_port=r.weight_sync_port or free_port(),
             backend="nccl" if torch.cuda.is_available() else "gloo",
+            bucket_bytes=self.cfg.rollout.weight_bucket_mb << 20,
+            verify=self.cfg.rollout.weight_verify,
         )
 
     async def _push(self, version: int) -> None:
