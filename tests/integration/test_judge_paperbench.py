@@ -13,10 +13,11 @@ import asyncio
 import json
 import os
 import re
+import threading
 from pathlib import Path
 
 import pytest
-from openai_judge_double import OpenAIJudgeDouble, criterion_of, is_parse, is_ranking, keyword_responder
+from openai_judge_double import OpenAIJudgeDouble, Reply, criterion_of, is_parse, is_ranking, keyword_responder
 
 from klong_megatron.config.judge import JudgeConfig
 from klong_megatron.judge.cache import GradeCache
@@ -177,3 +178,39 @@ def test_a_context_window_needs_the_judge_models_tokenizer() -> None:
         LLMGrader(ChatPool(["http://127.0.0.1:9"], "m"), context_window=131072)
     with pytest.raises(FileNotFoundError, match="not a Hub id in the local Hugging Face cache"):
         TokenCounter("some-org/not-downloaded-model")
+
+
+def test_retries_wait_out_an_outage_and_the_cache_follows_the_judge_setup(tmp_path: Path) -> None:
+    """Real folder, rubric cut to the root's children (max_depth=2): a judge outage is waited out, a regrade
+    with the same setup costs no call, a changed judge addendum or reasoning effort grades again."""
+    from klong_megatron.judge.factory import prepare_rubric
+
+    sub = _submission(tmp_path / "submission")
+    rubric = prepare_rubric(load_rubric(TASK / "rubric.json"), JudgeConfig(max_depth=2, use_checks=False))
+    n = len(list(rubric.leaves()))
+    down, lock = {"left": 25}, threading.Lock()
+
+    def flaky(body: dict) -> Reply | str:
+        with lock:  # the double answers from several threads
+            failing = down["left"] > 0
+            down["left"] -= 1
+        return Reply("restarting", status=503) if failing else keyword_responder(body)
+
+    async def go(url: str, cache: GradeCache, note: str, effort: str) -> JudgeResult:
+        pool = ChatPool([url], "judge-double", cooldown_s=0.01)
+        grader = LLMGrader(pool, counter=TokenCounter(QWEN3), context_window=WINDOW, backoff_s=0.01,
+                           backoff_max_s=0.05, request_params={"reasoning_effort": effort})  # fmt: skip
+        async with Judge(llm=grader, cache=cache) as judge:
+            res = await judge.grade(sub, rubric, paper=(TASK / "paper.md").read_text(), judge_addendum=note)
+        await pool.aclose()
+        return res
+
+    cache = GradeCache(tmp_path / "cache.sqlite")
+    with OpenAIJudgeDouble(flaky) as srv:
+        first = asyncio.run(go(srv.url, cache, "note", "high"))
+        assert not first.invalid and srv.served == 25 + 2 * n  # every 503 retried, then ranking + grading
+        assert asyncio.run(go(srv.url, cache, "note", "high")).token_usage["calls"] == 0
+        assert srv.served == 25 + 2 * n
+        for note, effort in (("another note", "high"), ("note", "low")):
+            assert asyncio.run(go(srv.url, cache, note, effort)).token_usage["calls"] == 2 * n
+    assert all(r.get("reasoning_effort") in ("high", "low") for r in srv.requests)
