@@ -203,8 +203,7 @@ class DockerSandbox:
                 read_only=cfg.read_only_root,
                 tmpfs={"/tmp": f"size={cfg.tmp_mb}m,nr_inodes={cfg.tmp_mb * TMP_INODES_PER_MB},mode=1777"},
                 volumes=volumes,
-                **self._privileges(),
-                working_dir=cfg.workdir,
+                **self._privileges(),  # no working_dir: the engine would chown it to init's root; execs set theirs
                 environment=env,
                 ulimits=ulimits,
                 device_requests=gpus,

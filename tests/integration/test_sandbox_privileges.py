@@ -188,6 +188,15 @@ def test_run_as_root_is_an_explicit_opt_in_with_only_the_documented_capabilities
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_without_a_disk_the_work_dir_is_still_owned_by_the_command_user(backend: str) -> None:
+    with started(backend, workdir_mb=None) as box:  # Docker: a named volume chowned by a CAP_CHOWN-only container
+        res = box.exec("stat -c '%u %g' . && echo x > f && stat -c %u f && df --output=target . | tail -1", timeout=10)
+        assert res.stdout.split("\n")[:3] == ["1000 1000", "1000", "/workspace"], res
+        box.write_file("g.txt", "g")
+        assert box.exec("echo more >> g.txt && stat -c %u g.txt", timeout=10).stdout == "1000\n"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_a_ro_bind_the_sandbox_user_cannot_read_is_refused_at_start_naming_it(backend: str) -> None:
     if backend == "bwrap" and os.geteuid() != 0:
         pytest.skip("without root bwrap runs as the caller, who can read the caller's files")
