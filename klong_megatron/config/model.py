@@ -71,6 +71,9 @@ class ModelConfig:
     """Load-balancing auxiliary loss weight (0: none)."""
     moe_token_dispatcher: str = "alltoall"
     """Megatron token dispatcher: "alltoall" (GPU clusters) or "allgather" (also works on CPU)."""
+    moe_grouped_gemm: bool = False
+    """All local experts in one grouped GEMM (TE GroupedLinear; needs Transformer Engine). HF import/export map
+    its weight names; off by default until validated on a GPU (the sharded RL weight push assumes SequentialMLP)."""
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_length"):

@@ -236,6 +236,17 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], cfg: ModelConfig, names: set[str
     return out
 
 
+def expert_weight_names(prefix: str, e: int, names: Any) -> tuple[str, str]:
+    """Megatron names of routed expert ``e``'s fc1 / fc2 weights under ``prefix`` (``decoder.layers.i.mlp.``):
+    TE grouped GEMM (``model.moe_grouped_gemm``: ``experts.linear_fc1.weight{e}``, TE ``GroupedLinear``'s
+    names) when ``names`` holds them, else SequentialMLP (``experts.local_experts.{e}.linear_fc1.weight``)."""
+    grouped = f"{prefix}experts.linear_fc1.weight{e}"
+    if grouped in names:
+        return grouped, f"{prefix}experts.linear_fc2.weight{e}"
+    me = f"{prefix}experts.local_experts.{e}."
+    return f"{me}linear_fc1.weight", f"{me}linear_fc2.weight"
+
+
 def _moe_to_megatron(hf: dict[str, torch.Tensor], cfg: ModelConfig, names: set[str], i: int) -> dict[str, torch.Tensor]:
     """Megatron tensors of MoE layer ``i`` (router, experts, shared expert) from an HF state dict."""
     h, m = f"model.layers.{i}.mlp.", f"decoder.layers.{i}.mlp."
@@ -247,13 +258,13 @@ def _moe_to_megatron(hf: dict[str, torch.Tensor], cfg: ModelConfig, names: set[s
                        "(set model.moe_router_expert_bias=true)")  # fmt: skip
     fused = f"{h}experts.gate_up_proj" in hf
     for e in range(cfg.num_experts):
-        x, me = f"{h}experts.{e}.", f"{m}experts.local_experts.{e}."
+        x, (fc1, fc2) = f"{h}experts.{e}.", expert_weight_names(m, e, names)
         if fused:  # transformers' in-memory layout: [E, 2I, H] with [gate; up] per expert, [E, H, I]
-            out[f"{me}linear_fc1.weight"] = hf[f"{h}experts.gate_up_proj"][e]
-            out[f"{me}linear_fc2.weight"] = hf[f"{h}experts.down_proj"][e]
+            out[fc1] = hf[f"{h}experts.gate_up_proj"][e]
+            out[fc2] = hf[f"{h}experts.down_proj"][e]
         else:
-            out[f"{me}linear_fc1.weight"] = torch.cat([hf[f"{x}gate_proj.weight"], hf[f"{x}up_proj.weight"]])
-            out[f"{me}linear_fc2.weight"] = hf[f"{x}down_proj.weight"]
+            out[fc1] = torch.cat([hf[f"{x}gate_proj.weight"], hf[f"{x}up_proj.weight"]])
+            out[fc2] = hf[f"{x}down_proj.weight"]
     if f"{m}shared_experts.linear_fc1.weight" in names:
         s = f"{h}shared_experts."
         out[f"{m}shared_experts.linear_fc1.weight"] = torch.cat([hf[f"{s}gate_proj.weight"], hf[f"{s}up_proj.weight"]])
@@ -272,12 +283,11 @@ def _moe_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig, i: int) -> dict[st
             cfg.num_experts, dtype=torch.float32
         )
     for e in range(cfg.num_experts):
-        x, me = f"{h}experts.{e}.", f"{m}experts.local_experts.{e}."
-        if f"{me}linear_fc1.weight" not in sd:
-            raise KeyError(f"{me}linear_fc1.weight: export needs all experts in one process (EP=1) and "
-                           "moe_grouped_gemm=False (SequentialMLP)")  # fmt: skip
-        out[f"{x}gate_proj.weight"], out[f"{x}up_proj.weight"] = sd[f"{me}linear_fc1.weight"].chunk(2)
-        out[f"{x}down_proj.weight"] = sd[f"{me}linear_fc2.weight"]
+        x, (fc1, fc2) = f"{h}experts.{e}.", expert_weight_names(m, e, sd)
+        if fc1 not in sd:
+            raise KeyError(f"{fc1}: export needs all experts in one process (EP=1)")
+        out[f"{x}gate_proj.weight"], out[f"{x}up_proj.weight"] = sd[fc1].chunk(2)
+        out[f"{x}down_proj.weight"] = sd[fc2]
     if f"{m}shared_experts.linear_fc1.weight" in sd:
         if f"{m}shared_experts.gate_weight" in sd:
             raise ValueError(f"{m}shared_experts.gate_weight: a gated shared expert has no HF counterpart")

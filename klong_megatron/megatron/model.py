@@ -205,7 +205,7 @@ def _moe_fields(cfg: ModelConfig, parallel: ParallelConfig) -> dict:
         moe_aux_loss_coeff=cfg.moe_aux_loss_coeff,
         moe_token_dispatcher_type=cfg.moe_token_dispatcher,
         moe_router_dtype="fp32",  # routing scores and top-k in fp32 under bf16 (Megatron's recommendation)
-        moe_grouped_gemm=False,
+        moe_grouped_gemm=cfg.moe_grouped_gemm,
         expert_model_parallel_size=parallel.ep,
     )
 
@@ -254,6 +254,7 @@ def build_gpt(
 
 _LAYER = re.compile(r"(decoder\.layers\.)(\d+)(\.)")
 _EXPERT = re.compile(r"(\.local_experts\.)(\d+)(\.)")
+_GROUPED_EXPERT = re.compile(r"\.experts\.(linear_fc[12])\.weight(\d+)$")  # TE GroupedLinear: weight{e}
 
 
 def init_layout_independent(model: torch.nn.Module, cfg: ModelConfig, seed: int) -> None:
@@ -273,6 +274,10 @@ def init_layout_independent(model: torch.nn.Module, cfg: ModelConfig, seed: int)
     for name, param in model.named_parameters():
         global_name = _LAYER.sub(lambda m: f"{m[1]}{int(m[2]) + offset}{m[3]}", name)
         global_name = _EXPERT.sub(lambda m: f"{m[1]}{int(m[2]) + expert_offset}{m[3]}", global_name)
+        # grouped GEMM experts get the SequentialMLP name (and so the same initial weights)
+        global_name = _GROUPED_EXPERT.sub(
+            lambda m: f".experts.local_experts.{int(m[2]) + expert_offset}.{m[1]}.weight", global_name
+        )
         if global_name == "output_layer.weight" and not cfg.untie_embeddings:
             global_name = "embedding.word_embeddings.weight"  # tied: the last stage's copy of the embedding
         shape = list(param.shape)
@@ -286,7 +291,7 @@ def init_layout_independent(model: torch.nn.Module, cfg: ModelConfig, seed: int)
             full = torch.zeros(shape)
         else:
             std = cfg.init_method_std
-            if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+            if global_name.endswith(("linear_proj.weight", "linear_fc2.weight")):
                 std /= math.sqrt(2.0 * cfg.num_layers)
             full = torch.empty(shape).normal_(0.0, std, generator=gen)
         if dim >= 0:  # a strided layout (SwiGLU fc1: [gate | up]) shards each of the `stride` parts
