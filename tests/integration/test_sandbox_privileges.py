@@ -123,9 +123,11 @@ class TestExhaustion:
     @NEEDS_DISKS
     def test_filling_the_work_dir_says_no_space_left_and_spares_the_host(self, sb: Sandbox) -> None:
         host_free = shutil.disk_usage(tempfile.gettempdir()).free
-        res = timed(sb, "dd if=/dev/zero of=fill bs=1M count=200 status=none", timeout=20)
+        res = timed(sb, "dd if=/dev/zero of=fill bs=4k count=51200 status=none", timeout=20)  # to the last block
         assert res.exit_code != 0 and "No space left on device" in res.stderr, res
         assert host_free - shutil.disk_usage(tempfile.gettempdir()).free < 100 * 2**20  # the 64 MiB disk at most
+        with pytest.raises(OSError, match="(?i)no space left on device"):  # the write_file tool reports it
+            sb.write_file("more.txt", "x" * 100_000)
         assert timed(sb, "rm fill && echo ok > after.txt && cat after.txt").stdout == "ok\n"
 
     def test_filling_tmp_says_no_space_left(self, sb: Sandbox) -> None:
