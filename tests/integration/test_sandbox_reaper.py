@@ -8,7 +8,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from sandbox_cases import RUN_ID
+from sandbox_cases import DISKS, RUN_ID
+
+from klong_megatron.sandbox._common import reap_dead_dirs
 
 CHILD = textwrap.dedent(
     """
@@ -18,7 +20,7 @@ CHILD = textwrap.dedent(
     sb = make_sandbox(SandboxConfig(backend=sys.argv[1], memory_mb=128, run_id=sys.argv[2]))
     sb.start()
     sb.write_file("progress.txt", "half done")
-    print(sb.name, getattr(sb, "host_work", ""), flush=True)
+    print(sb.name, getattr(sb, "host_work", "") or getattr(sb._disk, "mount_dir", ""), flush=True)
     if sys.argv[3] == "crash":
         os.kill(os.getpid(), 9)  # no atexit, no finally: like an OOM-killed trainer
     """
@@ -40,18 +42,20 @@ def _containers(name: str) -> list[str]:
 
 @pytest.mark.docker
 def test_docker_exit_hook_removes_containers_the_process_forgot_to_close() -> None:
-    (name,) = _child("docker", "exit")
-    assert _containers(name) == []
+    name, *disk = _child("docker", "exit")
+    assert _containers(name) == [] and all(_disk_gone(d) for d in disk)
 
 
 @pytest.mark.docker
 def test_docker_reaper_removes_containers_of_a_crashed_process() -> None:
     from klong_megatron.sandbox.docker import reap_leftovers
 
-    (name,) = _child("docker", "crash")
+    name, *disk = _child("docker", "crash")
     assert _containers(name) == [name]
     assert name in reap_leftovers(run_id=f"{RUN_ID}-child")
     assert _containers(name) == []
+    if DISKS:  # the work dir disk of the dead process: unmounted, image and mount point removed
+        assert disk[0] in reap_dead_dirs() and _disk_gone(disk[0])
 
 
 @pytest.mark.bwrap
@@ -67,4 +71,8 @@ def test_bwrap_reaper_removes_work_dirs_of_a_crashed_process() -> None:
     name, host_work = _child("bwrap", "crash")
     assert (Path(host_work) / "progress.txt").exists()
     assert host_work in reap_leftovers()
-    assert not Path(host_work).exists()
+    assert not Path(host_work).exists() and _disk_gone(host_work)
+
+
+def _disk_gone(mount_dir: str) -> bool:
+    return f" {mount_dir} " not in Path("/proc/mounts").read_text() and not Path(mount_dir + ".img").exists()
