@@ -158,7 +158,11 @@ class DockerSandbox:
         cfg = self.cfg
         self._closing = False
         check_ro_binds(cfg)
-        volumes = {self._work_volume(): {"bind": cfg.workdir, "mode": "rw"}}
+        try:
+            volumes = {self._work_volume(): {"bind": cfg.workdir, "mode": "rw"}}
+        except SandboxError:
+            self.close()  # removes a half-made volume or disk
+            raise
         for spec in cfg.ro_binds:
             host, _, inside = spec.partition(":")
             volumes[host] = {"bind": inside, "mode": "ro"}
