@@ -42,6 +42,8 @@ def _policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-overlap", action="store_true", help="train assistant tokens in every window holding them")
     p.add_argument("--keep-full-turns", type=int, default=None, help="excerpt tool outputs older than k turns")
     p.add_argument("--excerpt-tokens", type=int, default=64)
+    p.add_argument("--carry-tokens", type=int, default=None, help="carried history (older turns excerpted)")
+    p.add_argument("--pin-reading", action="store_true", help="pin the task + the reading before the first write")
     p.add_argument("--prefix-turns", type=int, default=0, help="assistant turns added to the pinned prefix")
     p.add_argument("--max-prefix-tokens", type=int, default=None)
     p.add_argument("--gen-reserve", type=int, default=0, help="tokens kept free for the next generation")
@@ -98,6 +100,8 @@ def _policy(args: argparse.Namespace, renderer: Renderer) -> ContextPolicy:
         max_prefix_tokens=args.max_prefix_tokens,
         keep_full_turns=args.keep_full_turns,
         excerpt_tokens=args.excerpt_tokens,
+        carry_tokens=args.carry_tokens,
+        pin_reading=args.pin_reading,
         gen_reserve=args.gen_reserve,
         train_overlap=args.train_overlap,
     )

@@ -63,9 +63,11 @@ class Piece:
     """generated tokens removed by elision"""
     tools: tuple[str, ...] = ()
     """names of the tools an assistant message calls"""
+    cut: bool = False
+    """elided (head + marker + tail)"""
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return self.ids.shape[0]
 
 
 @dataclass
@@ -119,7 +121,7 @@ def elide(piece: Piece, budget: int, marker: np.ndarray) -> Piece:
     ids[head : head + len(marker)] = marker
     mask = cut(piece.mask, 0)
     lost = piece.lost + int(piece.mask.sum()) - int(mask.sum())
-    return Piece(piece.msg, piece.role, ids, mask, cut(piece.pos, -1), lost, piece.tools)
+    return Piece(piece.msg, piece.role, ids, mask, cut(piece.pos, -1), lost, piece.tools, True)
 
 
 def fit_pieces(pieces: list[Piece], budget: int, marker: np.ndarray) -> list[Piece]:
@@ -333,8 +335,9 @@ class ContextState:
                 break
             if k is not None and turns >= k and piece.role == "tool":
                 size = max(self.cfg.excerpt_tokens >> ((turns - k) // max(k, 1)), len(marker) + 8)
-                piece = elide(piece, size, marker)
-                self.excerpted += bool((piece.pos < 0).any())
+                if len(piece) > size:
+                    piece = elide(piece, size, marker)
+                self.excerpted += piece.cut
             turns += piece.role == "assistant"
             if total + len(piece) > room:
                 if room - total >= len(marker) + 2:
@@ -366,18 +369,19 @@ class ContextState:
                 start += len(m)
                 continue
             trained = kind == NEW or (kind == CARRIED and self.cfg.train_overlap) or (kind == PREFIX and train_prefix)
+            n = piece.ids.shape[0]
             ids.append(piece.ids)
-            mask.append(piece.mask.astype(np.uint8) if trained else np.zeros(len(piece), np.uint8))
+            mask.append(piece.mask.astype(np.uint8, copy=False) if trained else np.zeros(n, np.uint8))
             pos.append(piece.pos)
-            segments.append((piece.msg, kind, start, start + len(piece)))
-            start += len(piece)
+            segments.append((piece.msg, kind, start, start + n))
+            start += n
         self.windows.append(
             Window(
                 trajectory_id=self.trajectory_id,
                 window_index=index,
-                input_ids=np.concatenate(ids).astype(np.int32),
+                input_ids=np.concatenate(ids).astype(np.int32, copy=False),
                 loss_mask=np.concatenate(mask),
-                positions=np.concatenate(pos).astype(np.int64),
+                positions=np.concatenate(pos).astype(np.int64, copy=False),
                 prefix_len=self.prefix_len,
                 segments=segments,
                 elided=sum(p.lost for p, kind in self.body[: last + 1] if kind == NEW),

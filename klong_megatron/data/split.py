@@ -11,16 +11,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from klong_megatron.data.context import ContextPolicy, ContextState, Window
+from klong_megatron.config.data import ContextPolicyConfig
+from klong_megatron.data.context import CARRIED, NEW, PREFIX, ContextPolicy, ContextState, Window
 from klong_megatron.data.render import RenderedTrajectory
 
 
 def feed(state: ContextState, rt: RenderedTrajectory, upto: int | None = None) -> ContextState:
     """Add messages ``[0, upto)`` of ``rt`` to ``state`` (all by default) and return it."""
+    positions = np.arange(len(rt.input_ids))
     for i in range(rt.num_messages if upto is None else upto):
         s, e = rt.spans[i]
         tools = rt.tool_names[i] if rt.tool_names else ()
-        state.add(rt.input_ids[s:e], rt.assistant_mask[s:e], np.arange(s, e), rt.roles[i], rt.pinned[i], tools)
+        state.add(rt.input_ids[s:e], rt.assistant_mask[s:e], positions[s:e], rt.roles[i], rt.pinned[i], tools)
     return state
 
 
@@ -34,6 +36,25 @@ def context_before(
 ) -> np.ndarray:
     """The context the model sees before generating message ``message`` (an assistant turn)."""
     return feed(policy.start(rt.id), rt, upto=message).context(reserve)
+
+
+def boundary_overlap(
+    rt: RenderedTrajectory, prev: Window, w: Window, cfg: ContextPolicyConfig, marker_len: int
+) -> tuple[int, int]:
+    """For consecutive windows: (tokens of ``w`` that ``prev`` showed outside its prefix, counting the markers of
+    carried excerpts, and the policy's target
+    ``min(max(overlap, carry_tokens), room)``). ``room`` is what ``w`` holds besides its prefix, marker and new
+    messages (the observations that open it and the room its first new turn needs)."""
+    seen = prev.positions[prev.prefix_len :]
+    pos = w.positions[w.positions >= 0]
+    shared = int(np.isin(pos, seen[seen >= 0]).sum())
+    shared += sum(int((w.positions[s:e] < 0).sum()) for _, kind, s, e in w.segments if kind == CARRIED)  # excerpts
+    news = [(m, e - s) for m, kind, s, e in w.segments if kind == NEW]
+    k = next((i for i, (m, _) in enumerate(news) if rt.roles[m] == "assistant"), len(news))
+    need = max(cfg.gen_reserve, news[k][1]) if k < len(news) else cfg.gen_reserve
+    room = cfg.max_len - w.prefix_len - marker_len - sum(n for _, n in news[:k]) - need
+    body = sum(e - s for _, kind, s, e in prev.segments if kind != PREFIX)
+    return shared, max(0, min(max(cfg.overlap, cfg.carry_tokens or 0), room, body))
 
 
 @dataclass
@@ -60,7 +81,7 @@ class SplitStats:
         self.elided_tokens += sum(w.elided for w in windows)
         if windows:
             seen = np.unique(np.concatenate([w.positions[w.positions >= 0] for w in windows]))
-            self.lower_bound_tokens += len(seen) + (len(windows) - 1) * windows[0].prefix_len
+            self.lower_bound_tokens += len(seen) + sum(w.prefix_len for w in windows[1:])
 
     @property
     def redundancy(self) -> float:
