@@ -84,10 +84,10 @@ def demo_tables(renderer: Renderer) -> tuple[Table, Table]:
     for col in ("policy", "windows", "processed / trained", "lower bound", "ratio to bound", "lost to elision"):
         red.add_column(col, justify="right")
     variants = {
-        "overlap 0": replace(DEMO_POLICY, overlap=0, keep_full_turns=None),
-        "overlap 256": replace(DEMO_POLICY, keep_full_turns=None),
-        "demo: overlap 256, keep 4": DEMO_POLICY,
-        "overlap 256, train overlap": replace(DEMO_POLICY, keep_full_turns=None, train_overlap=True),
+        "overlap 0": replace(DEMO_POLICY, overlap=0, keep_full_turns=None, carry_tokens=None),
+        "overlap 256": replace(DEMO_POLICY, keep_full_turns=None, carry_tokens=None),
+        "demo preset: overlap 256, keep 1, carry 384": DEMO_POLICY,
+        "overlap 256, train overlap": replace(DEMO_POLICY, keep_full_turns=None, carry_tokens=None, train_overlap=True),
     }
     demo_windows = []
     for name, cfg in variants.items():
@@ -187,7 +187,7 @@ def main() -> None:
     ap.add_argument("--trajectories", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    console = Console()
+    console = Console(width=150)
     renderer = Renderer(load_tokenizer("byte"))
     long_rendered = []
     console.print(throughput(renderer, args.trajectories, args.repeats, console, long_rendered))
