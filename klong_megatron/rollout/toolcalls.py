@@ -140,8 +140,9 @@ def format_glm45(name: str, arguments: dict) -> str:
 
 
 def tools_prompt(schemas: list[dict], fmt: str = "hermes") -> str:
-    """Tool descriptions + calling convention, for the system prompt (what Qwen/GLM templates add
-    when given ``tools=``; our Renderer renders plain messages, so tasks put this text in)."""
+    """Tool descriptions + calling convention as system-prompt text, for chat templates that ignore
+    ``tools=`` (the bundled ``byte``/``demo_bpe`` ones). Templates that render tools (Qwen, GLM-4.5,
+    Llama-3.1) get ``ToolSet.schemas()`` from the agent loop instead (``Renderer.render(tools=...)``)."""
     listing = "\n".join(json.dumps(s, ensure_ascii=False) for s in schemas)
     example = format_hermes("name", {"arg": "value"}) if fmt == "hermes" else format_glm45("name", {"arg": "value"})
     return (
