@@ -29,6 +29,7 @@ weight_updater.py``), so their ranks would collide, and it asserts ``dp_size == 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -285,8 +286,11 @@ class SGLangEngine:
             body = {"model_path": update.path, "weight_version": update.version, "abort_all_requests": False,
                     "flush_cache": self.pause_mode != "in_place"}  # fmt: skip
             await self._control("POST", "/update_weights_from_disk", body, timeout=self.weight_timeout_s)
-        finally:
-            await self.resume()
+        except BaseException:  # cancelled too: resume what can be resumed, keep the original error
+            with contextlib.suppress(Exception):
+                await self.resume()
+            raise
+        await self.resume()
         await self.check_version(update.version)
 
     async def check_version(self, version: str) -> None:
