@@ -15,12 +15,10 @@ Usage (after ``parallel_state.initialize_model_parallel`` and, on CPU, ``apply_c
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import math
 import re
-import warnings
 import zlib
 
 import torch
@@ -55,11 +53,6 @@ def _patch_moe_router_without_te() -> None:
         moe_utils.te_general_gemm = None
 
 
-@functools.cache
-def _warn_no_te() -> None:
-    warnings.warn("transformer_engine is not importable: using Megatron's local (torch) layer spec", stacklevel=3)
-
-
 def resolve_impl(cfg: ModelConfig, have_te: bool | None = None, on_gpu: bool | None = None) -> str:
     """``"te"`` or ``"local"`` for ``cfg.transformer_impl`` given whether TE imports (default: ``HAVE_TE``).
 
@@ -77,9 +70,7 @@ def resolve_impl(cfg: ModelConfig, have_te: bool | None = None, on_gpu: bool | N
             "image (tools/images/train.Dockerfile) or install the train-gpu extra; model.transformer_impl=local runs "
             "Megatron's local spec instead (dense attention masks: short sequences only)"
         )
-    if cfg.transformer_impl == "local" or not have_te:
-        if cfg.transformer_impl == "auto":
-            _warn_no_te()
+    if cfg.transformer_impl == "local" or not have_te:  # CPU: the runs' "implementation:" line says so
         return "local"
     return "te"
 
