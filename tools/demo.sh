@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's main job on the embedded default (CPU, ~8 minutes): data stats of the bundled
+# The README's main job on the embedded default (CPU, ~10 minutes): data stats of the bundled
 # trajectories, then klong-rl experiment=rl_demo: a tiny Megatron GPT -> trajectory-splitting SFT on
 # scripted-expert trajectories -> two progressive RL stages with a dev server, bubblewrap sandboxes and
 # check-command rubrics; it prints the held-out judge score after each phase (outputs under outputs/).
