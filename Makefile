@@ -25,7 +25,7 @@ demo: install
 
 # pytest exits 5 when it collects nothing: that is not a failure of the suite.
 test: install services
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+	$(BIN)/python -m pytest -q --durations=20 $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
