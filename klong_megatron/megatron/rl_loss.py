@@ -14,6 +14,13 @@ RL batch (dict of tensors, ``[B, S]`` unless said): ``tokens``, ``labels`` (next
 ``rollout_logprobs``; attention as in :mod:`klong_megatron.megatron.step`: ``attention_mask``
 ``[B, 1, S, S]`` (local spec) or ``cu_seqlens``/``max_seqlen`` (TE THD packing).
 
+Context parallelism (THD only): ``rl.policy.thd_rl_micro_batch`` pads every window to a multiple of 2*CP and
+keeps this CP rank's tokens of EVERY per-token tensor (old/ref/rollout log-probs and advantages too), as the SFT
+batches; the loss here then sums over this rank's tokens only and Megatron's ``finalize_model_grads``
+all-reduces the token count over the DP x CP group (megatron-core 0.16.1
+``distributed/finalize_model_grads.py``), so no extra CP reduction is needed. Log-probs come back per CP rank
+(``[1, T / cp]``); ``rl.policy.gather_thd_tokens`` all-gathers them and restores the original order.
+
 Tensor parallelism: each rank holds a vocab shard of the output weight; the softmax statistics and the
 hidden-state gradient are all-reduced over the TP group (``tp_all_reduce``). Sequence parallelism
 gathers the hidden states first (GPU only; not exercised by the CPU tests).
@@ -87,7 +94,18 @@ def hidden_states_only(gpt: GPTModel):
 
 
 def _flatten_thd(batch: Batch) -> Batch:
-    """Packed THD micro-batch: every ``[B, S]`` tensor becomes ``[1, B * S]``; ``[B]`` advantages per token."""
+    """Packed THD micro-batch: every ``[B, S]`` tensor becomes ``[1, B * S]``; ``[B]`` advantages per token.
+
+    A batch already laid out for its context-parallel rank (``cu_seqlens_padded``: ``rl.policy.thd_rl_micro_batch``)
+    is returned as it is; an unpadded one is refused under context parallelism (every rank would see every token).
+    """
+    if "cu_seqlens_padded" in batch:
+        return batch
+    if parallel_state.get_context_parallel_world_size() > 1:
+        raise ValueError(
+            "a THD RL batch under context parallelism must be padded and split for its CP rank first "
+            "(klong_megatron.rl.policy.thd_rl_micro_batch)"
+        )
     out = dict(batch)
     if batch["advantages"].dim() == 1:
         out["advantages"] = batch["advantages"].unsqueeze(-1).expand_as(batch["loss_mask"])
@@ -105,7 +123,10 @@ def _forward_hidden(model: torch.nn.Module, batch: Batch) -> tuple[Tensor, Batch
     with hidden_states_only(gpt):
         if "cu_seqlens" in batch:
             batch = _flatten_thd(batch)
-            hidden = model(batch["tokens"], batch["position_ids"], None, packed_seq_params=packed_seq_params(batch))
+            if "attention_mask" in batch:  # the flat layout through the local spec: a [1, 1, T, T] block mask
+                hidden = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+            else:
+                hidden = model(batch["tokens"], batch["position_ids"], None, packed_seq_params=packed_seq_params(batch))
         else:
             hidden = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
     return hidden, batch

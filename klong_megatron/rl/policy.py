@@ -24,14 +24,19 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from klong_megatron.config.rl import RLConfig
-from klong_megatron.data.dataset import collate
+from klong_megatron.data.dataset import block_causal_mask, collate
 from klong_megatron.megatron import checkpoint as ckpt
 from klong_megatron.megatron.model import build_gpt, uses_packed_seq_params
 from klong_megatron.megatron.parallel import data_parallel_rank_and_size, init_distributed
 from klong_megatron.megatron.rl_loss import make_logprob_forward_step, make_rl_forward_step, reduce_rl_reports
 from klong_megatron.megatron.training import build_training_model, resolve_bf16
+from klong_megatron.sft.batches import thd_batch_for_cp_rank, thd_unpartition
 
 Row = dict[str, Any]
+RL_TOKEN_KEYS = (
+    "tokens", "labels", "loss_mask", "position_ids", "advantages", "old_logprobs", "ref_logprobs", "rollout_logprobs",
+    "temperatures",
+)  # fmt: skip
 
 
 def _to_batch(rows: list[Row], attention: str) -> dict[str, Any]:
@@ -47,6 +52,41 @@ def _to_batch(rows: list[Row], attention: str) -> dict[str, Any]:
     return batch
 
 
+def thd_rl_micro_batch(
+    batch: dict[str, Any], cp: int, cp_rank: int, *, sequence_parallel_tp: int = 1, block_mask: bool = False
+) -> dict[str, Any]:
+    """A collated THD RL micro-batch ``[B, S]`` as CP rank ``cp_rank`` feeds it to the model: flat ``[1, T / cp]``.
+
+    Every window padded to a multiple of 2*CP (``cu_seqlens_padded``) and this rank's chunks kept of every
+    per-token tensor (``RL_TOKEN_KEYS``; ``[B]`` advantages are first spread over their row's tokens), exactly as
+    the SFT batches (``sft.batches.thd_batch_for_cp_rank``). ``block_mask``: add the ``[1, 1, T, T]`` block
+    mask the local spec needs (CP 1 only: attention across CP ranks needs Transformer Engine).
+    """
+    batch = dict(batch)
+    if batch["advantages"].dim() == 1:
+        batch["advantages"] = batch["advantages"].unsqueeze(-1).expand_as(batch["loss_mask"])
+    batch["real"] = torch.ones_like(batch["loss_mask"])
+    keys = (*(k for k in RL_TOKEN_KEYS if batch.get(k) is not None), "real")
+    out = thd_batch_for_cp_rank(batch, cp, cp_rank, sequence_parallel_tp=sequence_parallel_tp, keys=keys)
+    real = out.pop("real") > 0
+    if "temperatures" in out:  # padding tokens sample at temperature 1, not 0 (no division by zero)
+        out["temperatures"] = torch.where(real, out["temperatures"], torch.ones_like(out["temperatures"]))
+    if block_mask:
+        assert cp == 1, "the local spec's block mask cannot attend across context-parallel ranks"
+        out["attention_mask"] = block_causal_mask(out["cu_seqlens_padded"], out["tokens"].shape[1])[None]
+    return out
+
+
+def gather_thd_tokens(local: torch.Tensor, batch: dict[str, Any], group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Per-token values ``[1, T / cp]`` of one :func:`thd_rl_micro_batch` on every CP rank of ``group`` ->
+    ``[1, B * S]`` in the collated order (padding dropped). Collective over ``group`` when it has > 1 rank."""
+    parts = [local]
+    if group is not None and dist.get_world_size(group) > 1:
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, local.contiguous(), group=group)
+    return thd_unpartition(parts, batch["cu_seqlens"], batch["cu_seqlens_padded"])
+
+
 class Policy:
     """Megatron model + optimizer of the RL run (every rank builds one)."""
 
@@ -57,7 +97,8 @@ class Policy:
         self.model, self.optimizer, self.scheduler = build_training_model(cfg.model, t, init_from_hf=cfg.init_from_hf)
         if cfg.init_from_checkpoint:
             self.load_weights(cfg.init_from_checkpoint)
-        self.attention = "thd" if uses_packed_seq_params(cfg.model) else "mask"
+        self.te_packing = uses_packed_seq_params(cfg.model)
+        self.attention = "thd" if self.te_packing or t.packed_format == "thd" else "mask"
         self.dp_rank, self.dp_size = data_parallel_rank_and_size()
         self.ref: torch.nn.Module | None = None
         self.steps = 0
@@ -127,16 +168,23 @@ class Policy:
 
     def _micro(self, rows: list[Row]) -> list[dict[str, Any]]:
         mbs = self.cfg.trainer.micro_batch_size
-        return [_to_batch(rows[i : i + mbs], self.attention) for i in range(0, len(rows), mbs)]
+        batches = [_to_batch(rows[i : i + mbs], self.attention) for i in range(0, len(rows), mbs)]
+        if self.attention != "thd":
+            return batches
+        p = self.cfg.trainer.parallel
+        cp_rank, sp_tp = parallel_state.get_context_parallel_rank(), p.tp if p.sequence_parallel else 1
+        return [
+            thd_rl_micro_batch(b, p.cp, cp_rank, sequence_parallel_tp=sp_tp, block_mask=not self.te_packing)
+            for b in batches
+        ]
 
-    def _run(self, model: torch.nn.Module, step_fn: Any, rows: list[Row], *, forward_only: bool) -> list[dict]:
-        mbs = self._micro(rows)
+    def _run(self, model: torch.nn.Module, step_fn: Any, mbs: list[dict[str, Any]], *, forward_only: bool):
         return get_forward_backward_func()(
             forward_step_func=step_fn,
             data_iterator=iter(mbs),
             model=[model],
             num_microbatches=len(mbs),
-            seq_length=len(rows[0]["tokens"]),
+            seq_length=mbs[0]["tokens"].shape[-1],
             micro_batch_size=self.cfg.trainer.micro_batch_size,
             forward_only=forward_only,
         )
@@ -152,12 +200,16 @@ class Policy:
         if model is None:
             raise ValueError("no reference model: call freeze_reference() first")
         model.eval()
+        mbs = self._micro(rows)
         out = self._run(model, make_logprob_forward_step(chunk_size=a.logprob_chunk_size, temperature=a.temperature),
-                        rows, forward_only=True)  # fmt: skip
+                        mbs, forward_only=True)  # fmt: skip
         model.train()
         seq = len(rows[0]["tokens"])
         if not parallel_state.is_pipeline_last_stage():
             return [np.zeros(seq, np.float32) for _ in rows]
+        if self.attention == "thd":  # this CP rank's padded tokens -> every row's [S] (all-gather over CP)
+            cp_group = parallel_state.get_context_parallel_group()
+            out = [{"logprobs": gather_thd_tokens(o["logprobs"], mb, cp_group)} for o, mb in zip(out, mbs, strict=True)]
         flat = torch.cat([o["logprobs"].reshape(-1, seq) for o in out]).float().cpu().numpy()
         return list(flat)
 
@@ -181,13 +233,13 @@ class Policy:
             for s in range(0, len(local), per_step):
                 self.model.zero_grad_buffer()
                 self.optimizer.zero_grad()
-                reports += self._run(self.model, make_rl_forward_step(self.cfg.algo), local[s : s + per_step],
-                                     forward_only=False)  # fmt: skip
+                reports += self._run(self.model, make_rl_forward_step(self.cfg.algo),
+                                     self._micro(local[s : s + per_step]), forward_only=False)  # fmt: skip
                 _, grad_norm, _ = self.optimizer.step()
                 self.scheduler.step(increment=1)
                 grad_norms.append(float(grad_norm or 0.0))
                 self.steps += 1
-        metrics = reduce_rl_reports(reports, parallel_state.get_data_parallel_group())
+        metrics = reduce_rl_reports(reports, parallel_state.get_data_parallel_group(with_context_parallel=True))
         metrics["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
         metrics["optimizer_steps"] = float(len(grad_norms))
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]

@@ -116,7 +116,9 @@ def thd_partition_indices(cu_seqlens_padded: torch.Tensor, total_tokens: int, cp
     return cu[:-1][seg] + chunk[seg] * offset + index - chunk[seg] * second
 
 
-def pad_thd(batch: Batch, multiple: int, total_multiple: int | None = None) -> Batch:
+def pad_thd(
+    batch: Batch, multiple: int, total_multiple: int | None = None, keys: tuple[str, ...] = THD_TOKEN_KEYS
+) -> Batch:
     """Flatten a collated THD micro-batch ``[B, S]`` to ``[1, T]`` with every segment padded to ``multiple``.
 
     Input: ``tokens``/``labels``/``loss_mask``/``position_ids`` ``[B, S]`` and ``cu_seqlens`` int32 over
@@ -124,7 +126,8 @@ def pad_thd(batch: Batch, multiple: int, total_multiple: int | None = None) -> B
     mask 0, positions continuing the segment's), ``cu_seqlens`` (cumulative real lengths, unchanged: TE's
     ``cu_seqlens_q``), ``cu_seqlens_padded`` (segment offsets in ``[1, T]``), ``max_seqlen`` (padded).
     ``total_multiple`` pads the last segment further so that T is a multiple of it (sequence parallelism
-    splits T over TP ranks); it must be a multiple of ``multiple``.
+    splits T over TP ranks); it must be a multiple of ``multiple``. ``keys``: the per-token tensors to lay
+    out (the RL loss adds its log-prob and advantage tensors; padding 0).
     """
     cu = batch["cu_seqlens"].to(torch.int64)
     lengths = torch.diff(cu)
@@ -134,10 +137,9 @@ def pad_thd(batch: Batch, multiple: int, total_multiple: int | None = None) -> B
         padded[-1] += -int(padded.sum()) % total_multiple
     cu_padded = torch.cat([cu.new_zeros(1), padded.cumsum(0)])
     total = int(cu_padded[-1])
-    seg = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
-    dest = cu_padded[:-1][seg] + torch.arange(int(cu[-1])) - cu[:-1][seg]
-    out = {k: v for k, v in batch.items() if k not in (*THD_TOKEN_KEYS, "cu_seqlens", "max_seqlen")}
-    for key in THD_TOKEN_KEYS:
+    dest = _real_token_slots(cu, cu_padded)
+    out = {k: v for k, v in batch.items() if k not in (*keys, "cu_seqlens", "max_seqlen")}
+    for key in keys:
         flat = batch[key].reshape(-1)
         full = flat.new_zeros(total)
         full[dest] = flat
@@ -152,7 +154,9 @@ def pad_thd(batch: Batch, multiple: int, total_multiple: int | None = None) -> B
     return out
 
 
-def thd_batch_for_cp_rank(batch: Batch, cp: int, cp_rank: int, *, sequence_parallel_tp: int = 1) -> Batch:
+def thd_batch_for_cp_rank(
+    batch: Batch, cp: int, cp_rank: int, *, sequence_parallel_tp: int = 1, keys: tuple[str, ...] = THD_TOKEN_KEYS
+) -> Batch:
     """A collated THD micro-batch as CP rank ``cp_rank`` feeds it to the model.
 
     Pads (:func:`pad_thd`, segments to ``2*cp`` when ``cp > 1``; the total to ``2*cp*tp`` under sequence
@@ -161,9 +165,33 @@ def thd_batch_for_cp_rank(batch: Batch, cp: int, cp_rank: int, *, sequence_paral
     """
     multiple = 2 * cp if cp > 1 else 1
     total_multiple = multiple * sequence_parallel_tp if sequence_parallel_tp > 1 else None
-    out = pad_thd(batch, multiple, total_multiple)
+    out = pad_thd(batch, multiple, total_multiple, keys)
     if cp > 1:
         index = thd_partition_indices(out["cu_seqlens_padded"], out["tokens"].shape[1], cp, cp_rank)
-        for key in THD_TOKEN_KEYS:
+        for key in keys:
             out[key] = out[key].index_select(1, index)
     return out
+
+
+def _real_token_slots(cu: torch.Tensor, cu_padded: torch.Tensor) -> torch.Tensor:
+    """Index in the padded ``[T]`` layout of every real token (int64 ``[cu[-1]]``, original order)."""
+    cu, cu_padded = cu.to(torch.int64), cu_padded.to(torch.int64)
+    lengths = torch.diff(cu)
+    seg = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    return cu_padded[:-1][seg] + torch.arange(int(cu[-1])) - cu[:-1][seg]
+
+
+def thd_unpartition(
+    parts: list[torch.Tensor], cu_seqlens: torch.Tensor, cu_seqlens_padded: torch.Tensor
+) -> torch.Tensor:
+    """Inverse of :func:`thd_batch_for_cp_rank` for one per-token tensor: ``[1, T_real]`` in the original order.
+
+    ``parts[r]``: CP rank r's ``[1, T / cp]`` values (all CP ranks, e.g. from an all-gather); ``cu_seqlens`` /
+    ``cu_seqlens_padded``: the batch's real and padded segment offsets. Padding tokens are dropped.
+    """
+    cp, total = len(parts), int(cu_seqlens_padded[-1])
+    full = parts[0].new_zeros(total)
+    for rank, part in enumerate(parts):
+        index = thd_partition_indices(cu_seqlens_padded, total, cp, rank) if cp > 1 else torch.arange(total)
+        full[index] = part.reshape(-1)
+    return full[_real_token_slots(cu_seqlens, cu_seqlens_padded)].unsqueeze(0)
