@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)           # first: keeps pip from pulling a CUDA build
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,factory]'   # factory: klong-factory's PDF converter (AGPL, see README)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -25,6 +25,7 @@ def register_configs() -> None:
     from klong_megatron.config import (
         cluster,
         data,
+        factory,
         grpo,
         judge,
         logger,
@@ -38,6 +39,7 @@ def register_configs() -> None:
     )
     from klong_megatron.config import eval as eval_cfg
 
-    for module in (data, model, trainer, rollout, sandbox, logger, cluster, sft, grpo, judge, reproduce, rl, eval_cfg):
+    modules = (data, model, trainer, rollout, sandbox, logger, cluster, sft, grpo, judge, reproduce, rl, eval_cfg)
+    for module in (*modules, factory):
         module.register(cs)
     _registered = True
