@@ -8,7 +8,7 @@ if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
     echo "services: not root or no apt-get; docker/slurm/bwrap tests will skip" >&2
     exit 0
 fi
-PKGS=(docker.io bubblewrap debootstrap slurm-wlm munge e2fsprogs chromium)  # chromium: klong-view page tests
+PKGS=(docker.io bubblewrap debootstrap slurm-wlm munge e2fsprogs chromium pandoc)  # chromium: klong-view page tests; pandoc: klong-factory LaTeX
 # gVisor's runsc: an optional OCI runtime for the Docker sandboxes (sandbox.runtime=runsc); Debian has it.
 apt-cache show runsc >/dev/null 2>&1 && PKGS+=(runsc)
 missing=()
