@@ -11,7 +11,8 @@ Dataflow::
 
 Resume: a rerun with the same output dir skips samples in results.jsonl and grades, without
 re-running, rollouts already in rollouts.jsonl. A job whose infrastructure fails ``max_attempts``
-times is reported and left out (a rerun tries it again); nothing finished is lost.
+times is reported, with every try's error, in out/failures.jsonl and left out (a rerun tries it again);
+nothing finished is lost.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -35,6 +37,14 @@ from klong_megatron.tasks.rollout import paper_rollout
 from klong_megatron.tasks.workspace import paper_messages, staging_root
 
 log = logging.getLogger(__name__)
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one JSON line and fsync it (the failure log; a rerun retries the job and appends again)."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def load_tasks(paths: list[str]) -> list[PaperTask]:
@@ -119,7 +129,7 @@ class EvalRunner:
         if rtask.id in self.results:
             self.stats.skipped += 1
             return
-        last = ""
+        last, errors = "", []
         for attempt in range(self.cfg.max_attempts):
             try:
                 traj = stored.get(rtask.id)
@@ -142,9 +152,12 @@ class EvalRunner:
                 return
             except Exception as e:  # infrastructure (sandbox, endpoint, judge): retry, then report
                 last = f"{rtask.id} attempt {attempt + 1}/{self.cfg.max_attempts}: {type(e).__name__}: {e}"
+                errors.append(f"{type(e).__name__}: {e}")
                 log.warning(last)
         self.stats.failed += 1
         self.stats.errors.append(last)
+        record = {"id": rtask.id, "task": task.task_id, "sample": k, "rolled_out": rtask.id in stored, "errors": errors}
+        await asyncio.to_thread(append_jsonl, self.out / "failures.jsonl", record)
 
     # ------------------------------------------------------------------ the run
     async def run(self) -> list[Trajectory]:

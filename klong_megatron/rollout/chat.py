@@ -148,7 +148,7 @@ class ChatAgent:
         deadline = start + self.cfg.timeout_s
         messages = list(task.messages)
         schemas = tools.schemas() if hasattr(tools, "schemas") else []
-        reason, turns, gen_s, tool_s, tokens = "max_turns", 0, 0.0, 0.0, 0
+        reason, turns, gen_s, tool_s, tokens, prompt_tokens = "max_turns", 0, 0.0, 0.0, 0, 0
         for _ in range(self.cfg.max_turns):
             if time.monotonic() >= deadline:
                 reason = "timed_out"
@@ -166,6 +166,7 @@ class ChatAgent:
                 raise
             gen_s += time.monotonic() - t0
             tokens += int(usage.get("completion_tokens") or 0)
+            prompt_tokens += int(usage.get("prompt_tokens") or 0)  # the whole history is re-sent every turn
             turns += 1
             messages.append(reply)
             if not reply.tool_calls:
@@ -195,6 +196,7 @@ class ChatAgent:
             exported = str(await asyncio.to_thread(workdir.export, dest))
         meta = {k: v for k, v in task.meta.items() if not k.startswith("_")}
         meta.update(task_id=task.task_id, sample=task.sample, finish_reason=reason, timed_out=reason == "timed_out",
-                    turns=turns, tokens=tokens, duration_s=round(time.monotonic() - start, 4), gen_s=round(gen_s, 4),
-                    tool_s=round(tool_s, 4), workdir=exported, tools=schemas, engine="chat")  # fmt: skip
+                    turns=turns, tokens=tokens, prompt_tokens=prompt_tokens,
+                    duration_s=round(time.monotonic() - start, 4), gen_s=round(gen_s, 4), tool_s=round(tool_s, 4),
+                    workdir=exported, tools=schemas, engine="chat")  # fmt: skip
         return Trajectory(task.id, messages, meta)
