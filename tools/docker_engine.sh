@@ -4,6 +4,9 @@
 #   tools/docker_engine.sh stop    stop a dockerd started by this script
 #   tools/docker_engine.sh image   (re)build the base image only
 #   tools/docker_engine.sh runsc   register gVisor's runsc (if installed) as the engine's "runsc" runtime
+#   tools/docker_engine.sh second  start a second engine on its own socket (unix://$SECOND_DIR/docker.sock, own
+#                                  data-root, exec-root and pidfile under SECOND_DIR) with the same image, for the
+#                                  tests of sandboxes placed on several engines; `stop-second` stops it
 # The base image is Debian bookworm (debootstrap --variant=minbase) with python3, imported with
 # `docker import` because no registry is reachable. The root filesystem tarball is cached under
 # CACHE_DIR so that a wiped engine re-imports it in seconds instead of re-running debootstrap.
@@ -11,7 +14,7 @@
 # with RUNSC_ARGS (--network=none: gVisor's own network stack refuses Docker's netns here and sandboxes
 # have none; --host-uds=open: the allow-list forwarder connects to its bind-mounted unix socket) and
 # reloads a running engine with SIGHUP, so `docker run --runtime=runsc` works without a restart.
-# Knobs: IMAGE, CACHE_DIR, DEBIAN_MIRROR (debootstrap's default when empty), EXTRA_PACKAGES, DAEMON_JSON.
+# Knobs: IMAGE, CACHE_DIR, DEBIAN_MIRROR (debootstrap's default when empty), EXTRA_PACKAGES, DAEMON_JSON, SECOND_DIR.
 set -euo pipefail
 IMAGE=${IMAGE:-klong-sandbox:bookworm}
 CACHE_DIR=${CACHE_DIR:-/var/cache/klong-megatron}
@@ -21,6 +24,8 @@ PACKAGES="python3,procps${EXTRA_PACKAGES:+,$EXTRA_PACKAGES}"
 STATE_DIR=${STATE_DIR:-/run/klong-dockerd}
 DAEMON_JSON=${DAEMON_JSON:-/etc/docker/daemon.json}
 RUNSC_ARGS=${RUNSC_ARGS:---network=none --host-uds=open}
+SECOND_DIR=${SECOND_DIR:-/var/lib/klong-dockerd2}
+DOCKERD_ARGS=()
 
 log() { echo "[docker_engine $(date +%H:%M:%S)] $*" >&2; }
 
@@ -35,7 +40,7 @@ start_engine() {
     mkdir -p "$STATE_DIR"
     log "starting dockerd (--bridge=none --iptables=false), log: $STATE_DIR/dockerd.log"
     # setsid: the engine outlives this script and its caller's terminal.
-    setsid dockerd --bridge=none --iptables=false --pidfile "$STATE_DIR/dockerd.pid" \
+    setsid dockerd --bridge=none --iptables=false --pidfile "$STATE_DIR/dockerd.pid" ${DOCKERD_ARGS[@]+"${DOCKERD_ARGS[@]}"} \
         >"$STATE_DIR/dockerd.log" 2>&1 </dev/null &
     for _ in $(seq 1 120); do
         engine_up && { log "engine up"; return; }
@@ -107,6 +112,17 @@ start)
     ;;
 image) start_engine && build_image ;;
 runsc) start_engine && register_runsc ;;
+second | stop-second)
+    STATE_DIR=$SECOND_DIR
+    export DOCKER_HOST=unix://$SECOND_DIR/docker.sock
+    if [ "$1" = stop-second ]; then
+        [ -s "$STATE_DIR/dockerd.pid" ] && kill "$(cat "$STATE_DIR/dockerd.pid")" 2>/dev/null && log "second dockerd stopped"
+        exit 0
+    fi
+    DOCKERD_ARGS=(--data-root "$SECOND_DIR/data" --exec-root "$SECOND_DIR/exec" -H "$DOCKER_HOST")
+    start_engine
+    docker image inspect "$IMAGE" >/dev/null 2>&1 || build_image
+    ;;
 stop)
     if [ -s "$STATE_DIR/dockerd.pid" ]; then
         kill "$(cat "$STATE_DIR/dockerd.pid")" && log "dockerd stopped"
@@ -115,7 +131,7 @@ stop)
     fi
     ;;
 *)
-    echo "usage: $0 start|stop|image|runsc" >&2
+    echo "usage: $0 start|stop|image|runsc|second|stop-second" >&2
     exit 2
     ;;
 esac

@@ -19,4 +19,5 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 bash tools/docker_engine.sh start
+bash tools/docker_engine.sh second  # a second engine on its own socket: sandboxes placed on several engines
 bash slurm/local_cluster.sh start

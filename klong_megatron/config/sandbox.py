@@ -68,6 +68,47 @@ class ToolsConfig:
             raise ValueError(f"reminder_every must be >= 0, got {self.reminder_every}")
 
 
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class DockerHostConfig:
+    """One Docker engine that takes sandboxes (``sandbox.docker_hosts``); sandbox/docker_hosts.py places them."""
+
+    url: str = "unix:///var/run/docker.sock"
+    """DOCKER_HOST form: ``unix:///path``, ``tcp://host:port`` (TLS unless loopback) or ``ssh://[user@]host``."""
+    capacity: int = 64
+    """At most this many sandboxes of this process on the engine at once."""
+    tls_dir: str | None = None
+    """tcp://: directory with ``ca.pem``, ``cert.pem``, ``key.pem`` (Docker's DOCKER_CERT_PATH layout); the
+    engine's certificate is verified against ``ca.pem`` and this client authenticates with cert/key."""
+
+    def __post_init__(self) -> None:
+        scheme, sep, rest = self.url.partition("://")
+        if not sep or scheme not in ("unix", "tcp", "ssh") or not rest:
+            raise ValueError(f"url must be unix:///path, tcp://host:port or ssh://[user@]host, got {self.url!r}")
+        if scheme == "unix" and not rest.startswith("/"):
+            raise ValueError(f"url: a unix socket path must be absolute, got {self.url!r}")
+        if scheme == "tcp":
+            parts = urlsplit(self.url)
+            if not parts.hostname or parts.port is None:
+                raise ValueError(f"url: tcp:// needs host:port, got {self.url!r}")
+            if self.tls_dir is None and parts.hostname not in _LOOPBACK:
+                raise ValueError(
+                    f"tls_dir is required for a non-loopback tcp:// engine ({self.url}): plain TCP to dockerd "
+                    "gives root on that host to anyone on the network"
+                )
+        elif self.tls_dir is not None:
+            raise ValueError(f"tls_dir applies to tcp:// engines only, got url {self.url!r}")
+        if self.capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {self.capacity}")
+
+    @property
+    def local(self) -> bool:
+        """The engine runs on this machine (unix socket or loopback tcp): host paths can be bind-mounted."""
+        return self.url.startswith("unix://") or urlsplit(self.url).hostname in _LOOPBACK
+
+
 @dataclass
 class SandboxConfig:
     """One isolated place for an agent's tools. Both backends honour every field unless noted."""
@@ -135,6 +176,11 @@ class SandboxConfig:
     """Open file descriptors per process (nofile rlimit)."""
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     """The agent's tools running in this sandbox."""
+    docker_hosts: list[DockerHostConfig] = field(default_factory=list)
+    """Docker: the engines sandboxes are placed on (least loaded relative to ``capacity``; see
+    sandbox/docker_hosts.py). Empty: the one engine of DOCKER_HOST / the local socket, without a cap."""
+    host_cooldown_s: float = 300.0
+    """Docker: an engine that stops answering takes no new sandboxes for this long, then is tried again."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -159,6 +205,7 @@ class SandboxConfig:
                 raise ValueError("runtime and cap_add are Docker options; bwrap takes neither")
         self._check_privileges()
         self._check_allowlist()
+        self._check_hosts()
         for i, spec in enumerate(self.ro_binds):
             host, sep, inside = spec.partition(":")
             if not sep or not host.startswith("/") or not inside.startswith("/"):
@@ -201,6 +248,23 @@ class SandboxConfig:
                 pip_index_host(self.pip_index_url)
             except ValueError as e:
                 raise ValueError(f"pip_index_url: {e}") from None
+
+    def _check_hosts(self) -> None:
+        if self.host_cooldown_s < 0:
+            raise ValueError(f"host_cooldown_s must be >= 0, got {self.host_cooldown_s}")
+        if self.docker_hosts and self.backend != "docker":
+            raise ValueError(f"docker_hosts needs backend=docker, got backend={self.backend!r}")
+        urls = [h.url for h in self.docker_hosts]
+        for i, h in enumerate(self.docker_hosts):
+            if urls.index(h.url) != i:
+                raise ValueError(f"docker_hosts[{i}]: {h.url} is listed twice")
+            if h.local:
+                continue
+            for name in ("workdir_mb", "ro_binds"):  # host paths of this machine, not of the engine's
+                if getattr(self, name):
+                    raise ValueError(f"docker_hosts[{i}] ({h.url}) is remote: set {name} to null/[] (host paths)")
+            if self.network == "allowlist":
+                raise ValueError(f"docker_hosts[{i}] ({h.url}) is remote: network=allowlist needs a local engine")
 
     @property
     def allow_rules(self) -> list[str]:

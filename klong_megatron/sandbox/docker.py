@@ -66,6 +66,7 @@ from klong_megatron.sandbox._common import (
 )
 from klong_megatron.sandbox.base import ExecResult
 from klong_megatron.sandbox.disk import WorkDisk
+from klong_megatron.sandbox.docker_hosts import Engine, EngineDown, hosts_for, is_engine_down, make_client
 from klong_megatron.sandbox.egress import NET_DIR, EgressProxy, forwarder_argv, proxy_env
 
 log = logging.getLogger(__name__)
@@ -81,16 +82,13 @@ ROOT_CAPS = ("CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "SETUID", "SETGID", "K
 KILL_PROBE_S = 3.0  # the in-container kill must finish within this, else the container is restarted
 TMP_INODES_PER_MB = 256  # /tmp tmpfs: one inode per 4 KiB of its size (the kernel default is half the RAM's pages)
 
-_reaped_once: list[bool] = []  # the first start in a process sweeps leftovers of dead processes
+_reaped_once: set[str] = set()  # the first start on each engine in a process sweeps leftovers of dead processes
 _live: dict[str, DockerSandbox] = {}
 _live_lock = threading.Lock()
 
 
 def _client() -> docker.DockerClient:
-    try:
-        return docker.from_env(timeout=120)
-    except DockerException as e:
-        raise SandboxError(f"cannot reach the Docker engine ({e}); run `tools/docker_engine.sh start`") from e
+    return make_client(None)
 
 
 def reap_leftovers(client: docker.DockerClient | None = None, run_id: str | None = None) -> list[str]:
@@ -132,6 +130,7 @@ class DockerSandbox:
     """A container with a writable work volume; see the module docstring for the life cycle."""
 
     def __init__(self, cfg: SandboxConfig, client: docker.DockerClient | None = None) -> None:
+        """``client``: use this engine; None: place the sandbox on one of ``cfg.docker_hosts`` at start()."""
         self.cfg = cfg
         self.run_id = cfg.run_id or default_run_id()
         self.name = new_sandbox_name(self.run_id)
@@ -145,14 +144,33 @@ class DockerSandbox:
         """network=allowlist: the proxy (``egress.refusals`` lists what was refused)."""
         self._forwarder_starts = 0
         self._disk: WorkDisk | None = None
+        self.engine: Engine | None = None
+        """The engine this sandbox was placed on (None when a client was given)."""
 
     # -- life cycle -------------------------------------------------------------------------------
     def start(self) -> None:
         if self._container is not None:
             return
-        self._client = self._client or _client()
-        if not _reaped_once:
-            _reaped_once.append(True)
+        hosts = hosts_for(self.cfg)
+        engine = self.engine = hosts.place() if self._client is None else None
+        try:
+            self._start()
+        except (DockerException, OSError, EngineDown) as e:
+            self.close()
+            if engine is None or not is_engine_down(e):
+                raise
+            hosts.mark_down(engine, e)
+            if isinstance(e, EngineDown):
+                raise
+            raise EngineDown(f"sandbox {self.name}: Docker engine {engine.url} is down: {e}") from e
+
+    def _start(self) -> None:
+        if self.engine is not None:
+            self._client = self.engine.client
+            self.engine.sweep_orphans()
+        key = self.engine.url if self.engine else ""
+        if key not in _reaped_once:
+            _reaped_once.add(key)
             reap_leftovers(self._client)
             reap_dead_dirs(self.cfg.host_dir)
         cfg = self.cfg
@@ -259,16 +277,21 @@ class DockerSandbox:
             self._client.api.remove_container(self.name, force=True, v=True)
         except NotFound:
             pass
-        except DockerException as e:
+        except (DockerException, OSError) as e:
             log.warning("sandbox %s: remove failed (%s); the reaper will retry", self.name, e)
+            if self.engine is not None:  # removed when the engine is next used by this process
+                self.engine.orphans.append(self.name)
         try:
             self._client.api.remove_volume(f"{self.name}-work", force=True)
-        except DockerException:
+        except (DockerException, OSError):
             pass
         if self._disk is not None:
             self._disk.remove()
             self._disk = None
         self._container = None
+        if self.engine is not None:
+            hosts_for(self.cfg).release(self.engine)
+            self.engine, self._client = None, None
 
     # -- least privilege --------------------------------------------------------------------------
     @property
@@ -376,14 +399,20 @@ class DockerSandbox:
         with self._lock:
             self._wait_restart()
             try:
-                res = self._exec(cmd, timeout, cwd, env)
-            except (APIError, OSError) as e:
-                if self._closing:
-                    raise SandboxError(closed) from e
-                if self._running():
+                try:
+                    res = self._exec(cmd, timeout, cwd, env)
+                except (APIError, OSError) as e:
+                    if self._closing:
+                        raise SandboxError(closed) from e
+                    if self._running():
+                        raise
+                    self._restart(f"container found dead ({e})")
+                    res = self._exec(cmd, timeout, cwd, env)
+            except (DockerException, OSError) as e:
+                if self.engine is None or not is_engine_down(e):
                     raise
-                self._restart(f"container found dead ({e})")
-                res = self._exec(cmd, timeout, cwd, env)
+                hosts_for(self.cfg).mark_down(self.engine, e)
+                raise EngineDown(f"sandbox {self.name}: Docker engine {self.engine.url} is down: {e}") from e
         if self._closing:  # close() from another thread removed the container under the command
             raise SandboxError(closed)
         return res
