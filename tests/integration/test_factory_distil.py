@@ -215,3 +215,16 @@ def test_distil_killed_mid_run_resumes_without_redoing_finished_attempts(tmp_pat
     after = results.read_text().splitlines()
     assert after[: len(graded_before)] == graded_before and len({json.loads(x)["id"] for x in after}) == 6
     assert sheet["attempts"]["graded"] == 6 and sheet["attempts"]["kept"] == 2  # one honest per task, rest duplicates
+
+
+@pytest.mark.docker
+def test_distil_in_docker_sandboxes_keeps_one_of_two_identical_honest_attempts(tmp_path: Path) -> None:
+    task = make_task(tmp_path / "tasks", "gamma", "Gamma Widget")
+    sandbox = SandboxConfig(backend="docker", memory_mb=1024)
+    with OpenAIAgentDouble() as teacher, OpenAIJudgeDouble(judge) as jsrv:
+        cfg = config(teacher.url, jsrv.url, samples=2, concurrency=2, sandbox=sandbox,
+                     reproduce=ReproduceConfig(timeout_s=60, sandbox=sandbox))  # fmt: skip
+        sheet = run_distil(cfg, [task], tmp_path / "distil")
+    graded = lines(tmp_path / "distil" / "attempts" / "results.jsonl")
+    assert all(r["meta"]["reproduce"]["exit_code"] == 0 and r["meta"]["reward"] == 1.0 for r in graded)
+    assert sheet["attempts"]["kept"] == 1 and sheet["decisions"]["near_duplicate"] == 1
