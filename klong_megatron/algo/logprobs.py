@@ -12,7 +12,8 @@ Vocab parallelism: ``vocab_parallel_token_logprobs`` takes this rank's weight sh
 hidden-state gradient. This module itself never imports ``torch.distributed``.
 
 Limits: targets must be valid token ids (no ignore index: mask the loss instead); temperature is
-applied to logits before the softmax, as the rollout engine does when sampling.
+applied to logits before the softmax, as the rollout engine does when sampling: one number, or a tensor
+of the targets' shape (each token at the temperature its rollout was sampled with).
 """
 
 from __future__ import annotations
@@ -31,9 +32,19 @@ def _acc_dtype(weight: Tensor) -> torch.dtype:
     return torch.promote_types(weight.dtype, torch.float32)
 
 
-def _chunk_logits(h: Tensor, weight: Tensor, temperature: float) -> Tensor:
+Temperature = float | Tensor
+"""One temperature, or one per token (the targets' shape)."""
+
+
+def _chunk_logits(h: Tensor, weight: Tensor, temperature: float | Tensor) -> Tensor:
     logits = torch.mm(h.to(weight.dtype), weight.t()).to(_acc_dtype(weight))
+    if isinstance(temperature, Tensor):  # this chunk's per-token temperatures [chunk]
+        return logits.div_(temperature.to(logits.dtype).unsqueeze(-1))
     return logits.div_(temperature) if temperature != 1.0 else logits
+
+
+def _chunk_t(temperature: float | Tensor, s: int, e: int) -> float | Tensor:
+    return temperature[s:e] if isinstance(temperature, Tensor) else temperature
 
 
 def _local_targets(targets: Tensor, vocab_start: int, local_vocab: int) -> tuple[Tensor, Tensor]:
@@ -51,7 +62,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         lse = torch.empty_like(logprobs)
         for s in range(0, num, chunk_size):
             e = min(s + chunk_size, num)
-            z = _chunk_logits(hidden[s:e], weight, temperature)
+            z = _chunk_logits(hidden[s:e], weight, _chunk_t(temperature, s, e))
             row_max = z.max(dim=-1).values
             if all_reduce is not None:
                 all_reduce(row_max, "max")
@@ -87,7 +98,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=_acc_dtype(weight), device=weight.device) if need_w else None
         for s in range(0, num, chunk_size):
             e = min(s + chunk_size, num)
-            logp = _chunk_logits(hidden[s:e], weight, temperature).sub_(lse[s:e].unsqueeze(-1))
+            t = _chunk_t(temperature, s, e)
+            logp = _chunk_logits(hidden[s:e], weight, t).sub_(lse[s:e].unsqueeze(-1))
             grad_z = torch.exp(logp)  # p
             if grad_entropy is not None:  # dH/dz = -p (log p + H)
                 g_ent = grad_entropy[s:e].to(logp.dtype).unsqueeze(-1)
@@ -105,8 +117,10 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             if logp is not None:
                 grad_z.sub_(logp)
             del logp
-            if temperature != 1.0:
-                grad_z.div_(temperature)
+            if isinstance(t, Tensor):
+                grad_z.div_(t.to(grad_z.dtype).unsqueeze(-1))
+            elif t != 1.0:
+                grad_z.div_(t)
             gz = grad_z.to(weight.dtype)
             if need_h:
                 grad_h[s:e] = torch.mm(gz, weight).to(hidden.dtype)
@@ -121,7 +135,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None, None
 
 
-def _check_shapes(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int, temperature: float) -> None:
+def _check_shapes(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: int, temperature: Temperature) -> None:
     if hidden.shape[:-1] != targets.shape:
         shapes = f"hidden is {tuple(hidden.shape)} but targets is {tuple(targets.shape)}"
         raise ValueError(f"{shapes}: expected [*, H] and [*]")
@@ -131,8 +145,20 @@ def _check_shapes(hidden: Tensor, weight: Tensor, targets: Tensor, chunk_size: i
         raise ValueError(f"targets must be integer token ids, got dtype {targets.dtype}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if not temperature > 0:
+    if isinstance(temperature, Tensor):
+        if temperature.shape != targets.shape:
+            raise ValueError(f"per-token temperature must have the targets' shape {tuple(targets.shape)}, "
+                             f"got {tuple(temperature.shape)}")  # fmt: skip
+        if temperature.numel() and not bool((temperature > 0).all()):
+            raise ValueError(f"temperature must be > 0, got min {float(temperature.min())}")
+    elif not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _flat_temperature(temperature: Temperature) -> float | Tensor:
+    if isinstance(temperature, Tensor):
+        return temperature.detach().reshape(-1).float()
+    return float(temperature)
 
 
 def vocab_parallel_token_logprobs(
@@ -143,7 +169,7 @@ def vocab_parallel_token_logprobs(
     vocab_start: int,
     all_reduce: AllReduce | None,
     chunk_size: int = 1024,
-    temperature: float = 1.0,
+    temperature: Temperature = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """``token_logprobs`` with the vocabulary sharded over a tensor-parallel group.
 
@@ -163,13 +189,13 @@ def vocab_parallel_token_logprobs(
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_t = targets.reshape(-1).long()
     logprobs, entropy = _ChunkedTokenLogprobs.apply(
-        flat_h, weight, flat_t, chunk_size, float(temperature), vocab_start, all_reduce
+        flat_h, weight, flat_t, chunk_size, _flat_temperature(temperature), vocab_start, all_reduce
     )
     return logprobs.view(targets.shape), entropy.view(targets.shape)
 
 
 def token_logprobs(
-    hidden: Tensor, weight: Tensor, targets: Tensor, *, chunk_size: int = 1024, temperature: float = 1.0
+    hidden: Tensor, weight: Tensor, targets: Tensor, *, chunk_size: int = 1024, temperature: Temperature = 1.0
 ) -> tuple[Tensor, Tensor]:
     """log softmax(hidden @ weight.T / temperature)[targets] and the softmax entropy, chunked over rows.
 
@@ -192,10 +218,11 @@ def token_logprobs(
 
 
 def naive_token_logprobs(
-    hidden: Tensor, weight: Tensor, targets: Tensor, *, temperature: float = 1.0
+    hidden: Tensor, weight: Tensor, targets: Tensor, *, temperature: Temperature = 1.0
 ) -> tuple[Tensor, Tensor]:
     """Reference: materialises the full float32 logits [*, V]. Same contract as ``token_logprobs``."""
-    logits = (hidden.to(weight.dtype) @ weight.t()).to(torch.promote_types(weight.dtype, torch.float32)) / temperature
+    t = temperature.unsqueeze(-1) if isinstance(temperature, Tensor) else temperature
+    logits = (hidden.to(weight.dtype) @ weight.t()).to(torch.promote_types(weight.dtype, torch.float32)) / t
     logp = torch.log_softmax(logits, dim=-1)
     entropy = -(logp.exp() * logp).sum(dim=-1)
     return logp.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1), entropy

@@ -39,7 +39,9 @@ class GRPOConfig:
     logprob_chunk_size: int = 1024
     """Tokens per chunk when computing log-probs from hidden states (peak ~3 x chunk x vocab floats)."""
     temperature: float = 1.0
-    """Sampling temperature of the rollout engine; log-probs are computed at the same temperature."""
+    """Log-prob temperature of batches that carry no per-token ``temperatures``. The RL trainer's rows carry
+    each rollout's recorded sampling temperature (``rl/windows.py``; unknown: rollout.sampling.temperature),
+    so old/reference log-probs and TIS match what SGLang reported whatever this says."""
 
     def __post_init__(self) -> None:
         if self.advantage_mode not in ADVANTAGE_MODES:

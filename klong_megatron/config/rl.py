@@ -220,18 +220,25 @@ class RLConfig:
         if reserve < new:
             raise ValueError(f"data.policy.gen_reserve ({reserve}) must hold a whole assistant turn: at least "
                              f"rollout.sampling.max_new_tokens ({new}) + the turn's header and end tokens")  # fmt: skip
-        sample_t, score_t = self.rollout.sampling.temperature, self.algo.temperature
-        if sample_t != score_t:  # SGLang reports log_softmax(logits / T): old/ref log-probs and TIS must use T
-            raise ValueError(f"algo.temperature ({score_t}) must equal rollout.sampling.temperature ({sample_t}): "
-                             "rollout log-probs are at the sampling temperature, so must the trainer's be")  # fmt: skip
         seq = self.data.policy.max_len
         if seq > self.model.seq_length:
             raise ValueError(f"data.policy.max_len ({seq}) exceeds model.seq_length ({self.model.seq_length})")
-        if self.trainer.parallel.model_parallel_size > 1:
-            raise ValueError(
-                "weight sync to the rollout servers sends HF weights from one process: the RL policy needs "
-                "trainer.parallel tp = pp = cp = 1 (scale it with DP + the distributed optimizer)"
-            )
+        self._check_sharded_policy()
+
+    def _check_sharded_policy(self) -> None:
+        """A policy sharded with TP / PP / EP pushes its weights from every rank (``megatron/hf_sharded.py``);
+        what that stream and the servers cannot take is refused here by name."""
+        p, r = self.trainer.parallel, self.rollout
+        if max(p.tp, p.pp, p.ep) > 1 and self.model.moe_grouped_gemm:
+            raise ValueError(f"model.moe_grouped_gemm=true with trainer.parallel tp={p.tp} pp={p.pp} "
+                             f"ep={p.ep}: the sharded weight push gathers SequentialMLP experts; "
+                             "set model.moe_grouped_gemm=false")  # fmt: skip
+        if self.rl.weight_sync == "distributed" and (r.server_pp > 1 or r.server_dp > 1):
+            raise ValueError(f"rl.weight_sync=distributed needs rollout servers with rollout.server_pp = "
+                             f"rollout.server_dp = 1, got {r.server_pp} / {r.server_dp} (SGLang joins the weight group "
+                             "as rank_offset + tp_rank and asserts dp_size == 1): run one server per replica "
+                             "or use rl.weight_sync=disk")  # fmt: skip
+
 
 
 def register(cs: ConfigStore) -> None:

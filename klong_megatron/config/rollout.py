@@ -96,6 +96,12 @@ class RolloutConfig:
     """Bound on each weight-update call (begin/end, one bucket, a disk load); control calls keep 60 s."""
     weight_bucket_mb: int = 512
     """rl.weight_sync=distributed: tensors per /update_weights_from_distributed call (a larger tensor goes alone)."""
+    server_tp: int = 1
+    server_pp: int = 1
+    server_dp: int = 1
+    """Each rollout server's layout (SGLang ``--tp`` / ``--pp-size`` / ``--dp-size``; slurm/rl.sbatch: GPUS_PER_SERVER
+    = tp). rl.weight_sync=distributed supports pp = dp = 1 only (config check; the servers' /server_info is
+    checked again at the first push); disk updates take any layout."""
     weight_verify: str = "changed"
     """After a broadcast push: checksum (every tensor's /weights_checker checksum under its HF name: dev
     servers), changed (the engine checksum moved when the weights did: SGLang) or off."""
@@ -105,6 +111,9 @@ class RolloutConfig:
             raise ValueError(f"weight_pause_mode must be abort, retract or in_place, got {self.weight_pause_mode!r}")
         if self.weight_verify not in ("checksum", "changed", "off"):
             raise ValueError(f"weight_verify must be checksum, changed or off, got {self.weight_verify!r}")
+        for name in ("server_tp", "server_pp", "server_dp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.weight_bucket_mb < 1 or self.weight_timeout_s <= 0:
             raise ValueError(f"weight_bucket_mb must be >= 1 and weight_timeout_s > 0, got {self.weight_bucket_mb}, "
                              f"{self.weight_timeout_s}")  # fmt: skip

@@ -455,14 +455,22 @@ def export_hf(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path, tok
 
     This is what the rollout servers load (``/update_weights_from_disk``, ``klong-devserver``).
     """
+    return write_hf_dir({k: v.cpu() for k, v in hf_tensors(model, cfg).items()}, cfg, out_dir, tokenizer)
+
+
+def write_hf_dir(tensors: dict[str, torch.Tensor], cfg: ModelConfig, out_dir: str | Path, tokenizer: Any) -> Path:
+    """Write HF-named CPU ``tensors`` (``hf_tensors`` / ``hf_sharded.hf_tensor_stream``) as a self-contained HF
+    checkpoint: ``model.safetensors``, ``config.json`` (dtype of the tensors: bf16 when trained in bf16) and
+    the tokenizer."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = hf_config(cfg, tokenizer)
-    dtype = next(iter(_own_state(_unwrap(model)).values())).dtype  # bf16 when trained in bf16: served in bf16
+    dtype = next(iter(tensors.values())).dtype
     config["torch_dtype"] = config["dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save_pretrained(str(out))
-    return save_hf_weights(model, cfg, out)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
 
 
 def hf_tensors(model: torch.nn.Module, cfg: ModelConfig) -> dict[str, torch.Tensor]:

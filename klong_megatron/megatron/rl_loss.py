@@ -10,8 +10,10 @@ count: every trained token of the optimizer step weighs 1 / N_global, however wi
 
 RL batch (dict of tensors, ``[B, S]`` unless said): ``tokens``, ``labels`` (next token ids),
 ``position_ids``, ``loss_mask`` (1 = trained), ``old_logprobs``, ``advantages`` (``[B]`` per window or
-``[B, S]`` per token, which packed rows of several windows need), optional ``ref_logprobs`` and
-``rollout_logprobs``; attention as in :mod:`klong_megatron.megatron.step`: ``attention_mask``
+``[B, S]`` per token, which packed rows of several windows need), optional ``ref_logprobs``,
+``rollout_logprobs`` and ``temperatures`` (each token's sampling temperature: log-probs are
+``log_softmax(logits / T)`` as SGLang reports them; without it ``algo.temperature`` for every token);
+attention as in :mod:`klong_megatron.megatron.step`: ``attention_mask``
 ``[B, 1, S, S]`` (local spec) or ``cu_seqlens``/``max_seqlen`` (TE THD packing).
 
 Context parallelism (THD only): ``rl.policy.thd_rl_micro_batch`` pads every window to a multiple of 2*CP and
@@ -44,7 +46,9 @@ from klong_megatron.config.grpo import GRPOConfig
 from klong_megatron.megatron.step import Batch, packed_seq_params, to_device
 
 REQUIRED_KEYS = ("tokens", "labels", "position_ids", "loss_mask", "old_logprobs", "advantages")
-TOKEN_KEYS = ("tokens", "labels", "position_ids", "loss_mask", "old_logprobs", "ref_logprobs", "rollout_logprobs")
+TOKEN_KEYS = (
+    "tokens", "labels", "position_ids", "loss_mask", "old_logprobs", "ref_logprobs", "rollout_logprobs", "temperatures",
+)  # fmt: skip
 METRICS = (
     "pg_loss", "clip_frac", "dual_clip_frac", "approx_kl", "ratio_mean", "ratio_max", "entropy", "ref_kl",
     "tis_weight_mean",
@@ -132,7 +136,13 @@ def _forward_hidden(model: torch.nn.Module, batch: Batch) -> tuple[Tensor, Batch
     return hidden, batch
 
 
-def _logprobs_from_hidden(gpt: GPTModel, hidden: Tensor, labels: Tensor, *, chunk_size: int, temperature: float):
+def token_temperature(batch: Batch, default: float) -> float | Tensor:
+    """The batch's per-token ``temperatures`` ``[B, S]`` when it has them, else ``default`` for every token."""
+    t = batch.get("temperatures")
+    return default if t is None else t.float()
+
+
+def _logprobs_from_hidden(gpt: GPTModel, hidden: Tensor, labels: Tensor, *, chunk_size: int, temperature):
     """Per-token (logprobs, entropy) ``[B, S]`` float32 from hidden ``[S, B, H]`` and labels ``[B, S]``."""
     if gpt.config.sequence_parallel:  # hidden is this rank's sequence slice; the gradient is reduced below
         hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
@@ -162,8 +172,9 @@ def rl_loss_func(
     if missing:
         raise ValueError(f"RL batch lacks {missing} (has {sorted(batch)})")
     logprobs, entropy = _logprobs_from_hidden(
-        gpt, hidden, batch["labels"], chunk_size=algo.logprob_chunk_size, temperature=algo.temperature
-    )
+        gpt, hidden, batch["labels"], chunk_size=algo.logprob_chunk_size,
+        temperature=token_temperature(batch, algo.temperature),
+    )  # fmt: skip
     mask = batch["loss_mask"].float()
     given = {k: batch[k].float() for k in ("ref_logprobs", "rollout_logprobs") if batch.get(k) is not None}
     loss_sum, metrics = policy_loss(
@@ -211,7 +222,7 @@ def make_rl_forward_step(algo: GRPOConfig) -> Callable:
 def _logprob_report(batch: Batch, gpt: GPTModel, chunk_size: int, temperature: float, hidden: Tensor):
     with torch.no_grad():
         logprobs, entropy = _logprobs_from_hidden(
-            gpt, hidden, batch["labels"], chunk_size=chunk_size, temperature=temperature
+            gpt, hidden, batch["labels"], chunk_size=chunk_size, temperature=token_temperature(batch, temperature)
         )
     zero = torch.zeros((), device=hidden.device)
     return zero, zero.to(torch.int), {"logprobs": logprobs, "entropy": entropy}

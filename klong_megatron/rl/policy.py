@@ -8,7 +8,12 @@ old ones (TIS weight 1) -> ``epochs`` passes of mini-batches of ``trainer.global
 ``get_forward_backward_func`` with the RL loss (``megatron/rl_loss.py``: per-token sums, gradients
 divided by the global trained-token count) -> optimizer + LR scheduler step -> metrics reduced over DP.
 
-Limits: HF export for weight sync runs at TP = PP = 1 (``megatron/hf.py``).
+Sharded policies (TP / PP / EP > 1): the HF export and the weight push are collective
+(``megatron/hf_sharded.py``: each rank contributes its shards, rank 0 writes or sends); with PP the
+windows go through Megatron's pipeline schedule and the loss metrics come from the last stage.
+
+Temperatures: each row carries the sampling temperature of every label (``rl/windows.py``); old and
+reference log-probs and TIS are computed at it (unknown ones: ``rollout.sampling.temperature``).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from klong_megatron.megatron.model import build_gpt, uses_packed_seq_params
 from klong_megatron.megatron.parallel import data_parallel_rank_and_size, init_distributed
 from klong_megatron.megatron.rl_loss import make_logprob_forward_step, make_rl_forward_step, reduce_rl_reports
 from klong_megatron.megatron.training import build_training_model, resolve_bf16
+from klong_megatron.rl.windows import GREEDY_EPS
 from klong_megatron.sft.batches import thd_batch_for_cp_rank, thd_unpartition
 
 Row = dict[str, Any]
@@ -46,7 +52,7 @@ def _to_batch(rows: list[Row], attention: str) -> dict[str, Any]:
         for r in rows
     ]
     batch = collate(items, attention=attention)
-    for key in ("advantages", "rollout_logprobs", "old_logprobs", "ref_logprobs"):
+    for key in ("advantages", "rollout_logprobs", "old_logprobs", "ref_logprobs", "temperatures"):
         if key in rows[0]:
             batch[key] = torch.from_numpy(np.stack([np.asarray(r[key], np.float32) for r in rows]))
     return batch
@@ -151,10 +157,36 @@ class Policy:
         self.steps = state.step
         return state.consumed_samples
 
-    def export_hf(self, out_dir: str | Path, tokenizer: Any) -> Path:
-        from klong_megatron.megatron.hf import export_hf
+    @property
+    def sharded(self) -> bool:
+        """Weights split over ranks (trainer.parallel tp, pp or ep > 1): HF exports and pushes are collective."""
+        p = self.cfg.trainer.parallel
+        return max(p.tp, p.pp, p.ep) > 1
 
-        return export_hf(self.model, self.cfg.model, out_dir, tokenizer)
+    def export_hf(self, out_dir: str | Path, tokenizer: Any) -> Path:
+        """The policy as an HF checkpoint in ``out_dir`` (what the servers load from disk).
+
+        Sharded: collective (every rank calls it, each sends its shards through
+        ``hf_sharded.hf_tensor_stream``; global rank 0 gathers the tensors in host memory and writes them,
+        the others return ``out_dir`` once it is written)."""
+        from klong_megatron.megatron.hf import export_hf, write_hf_dir
+        from klong_megatron.megatron.hf_sharded import hf_tensor_stream
+
+        if not self.sharded:
+            return export_hf(self.model, self.cfg.model, out_dir, tokenizer)
+        tensors = {k: v.cpu() for k, v in hf_tensor_stream(self.model, self.cfg.model)}
+        if dist.get_rank() == 0:
+            write_hf_dir(tensors, self.cfg.model, out_dir, tokenizer)
+        del tensors
+        dist.barrier()
+        return Path(out_dir)
+
+    def contribute_shards(self) -> None:
+        """Sharded policy, ranks other than 0: send this rank's shards to rank 0's weight push
+        (``rl.weight_sync.DistributedWeightSync.push_model``), which runs at the same time."""
+        from klong_megatron.rl.weight_sync import contribute_shards
+
+        contribute_shards(self.model, self.cfg.model)
 
     # ----- forward passes ----------------------------------------------------------------------
     def _local(self, rows: list[Row]) -> list[Row]:
@@ -216,7 +248,7 @@ class Policy:
     def update(self, rows: list[Row]) -> dict[str, float]:
         """``epochs`` x mini-batch optimizer steps on ``rows`` (same list on every rank); returns step means."""
         t = self.cfg.trainer
-        local = self._local(rows)
+        local = [with_temperatures(r, self.cfg.rollout.sampling.temperature) for r in self._local(rows)]
         old = self.logprobs(local)
         ref = self.logprobs(local, reference=True) if self.cfg.algo.kl_coef > 0 else None
         for i, r in enumerate(local):
@@ -243,7 +275,28 @@ class Policy:
         metrics["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
         metrics["optimizer_steps"] = float(len(grad_norms))
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        return metrics
+        return from_last_pipeline_stage(metrics)
+
+
+def with_temperatures(row: Row, default: float) -> Row:
+    """``row`` whose ``temperatures`` (each label's sampling temperature) has no NaN: unknown ones (records
+    written before temperatures were recorded, padding) are ``default`` (the configured sampling temperature);
+    a row without the key gets ``default`` everywhere. Old/reference log-probs and TIS then use each
+    rollout's own temperature: SGLang reports ``log_softmax(logits / T)``."""
+    t = np.asarray(row.get("temperatures", np.full(len(row["tokens"]), np.nan)), np.float32)
+    default = 1.0 if default < GREEDY_EPS else default
+    return dict(row) | {"temperatures": np.where(np.isnan(t), np.float32(default), t)}
+
+
+def from_last_pipeline_stage(obj: Any) -> Any:
+    """``obj`` of this pipeline's last stage on all its stages (the loss metrics exist there only); identity at
+    PP 1. Collective over the pipeline group."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                               group=parallel_state.get_pipeline_model_parallel_group())  # fmt: skip
+    return box[0]
 
 
 def broadcast_object(obj: Any) -> Any:

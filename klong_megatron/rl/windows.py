@@ -6,7 +6,8 @@ exactly the contexts the agent saw) -> one advantage per rollout (``compute_adva
 a rollout inherits it) -> per-token rollout log-probs and policy versions gathered through
 ``Window.positions`` -> windows older than ``max_staleness`` versions dropped -> packed rows of
 ``seq_len`` tokens (best-fit, per-window position ids, block-diagonal attention) with per-token
-``advantages`` and ``rollout_logprobs`` aligned with ``labels``.
+``advantages``, ``rollout_logprobs`` and ``temperatures`` (each token's sampling temperature, recorded per
+turn by the agent loop: old/reference log-probs and TIS are computed at it) aligned with ``labels``.
 
 Trained tokens are the engine's sampled tokens only: an end-of-turn token the agent appended after a
 turn cut by ``max_new_tokens`` has no behaviour log-prob and is not trained. Pure numpy/torch math.
@@ -53,6 +54,9 @@ class RLWindow:
     advantage: float
     version: int
     """oldest policy version that sampled one of the trained tokens (staleness = current - version)"""
+    temperatures: np.ndarray | None = None
+    """float32 [L]: the temperature each token was sampled at (SGLang's log-prob temperature); NaN where the
+    record has none (the trainer then uses ``rollout.sampling.temperature``)"""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -76,6 +80,26 @@ def token_arrays(traj: Trajectory) -> tuple[np.ndarray, np.ndarray]:
             logprobs[s : s + n] = np.asarray(step["logprobs"], np.float32)
         versions[s : s + n] = _version(step.get("weight_version"))
     return logprobs, versions
+
+
+GREEDY_EPS = 1e-6
+"""SGLang samples below this temperature greedily and reports log-probs at temperature 1.0
+(sglang 0.5.23 ``srt/sampling/sampling_params.py``: ``temperature = 1.0; top_k = 1``)."""
+
+
+def token_temperatures(traj: Trajectory) -> np.ndarray:
+    """float32 [N] per position of the full rendering: the sampling temperature of the turn that generated
+    the token (greedy turns: 1.0, as SGLang scores them); NaN elsewhere and for records without one."""
+    lens = [len(m) for m in traj.meta["message_ids"]]
+    starts = np.concatenate([[0], np.cumsum(lens)])
+    out = np.full(int(starts[-1]), np.nan, np.float32)
+    for step in traj.meta["steps"]:
+        t = step.get("temperature")
+        if t is None:
+            continue
+        s = int(starts[step["message"]]) + int(step["header_len"])
+        out[s : s + len(step["output_ids"])] = 1.0 if float(t) < GREEDY_EPS else float(t)
+    return out
 
 
 def split_rollout(
@@ -135,16 +159,18 @@ def build_rl_windows(
     for r, ws, (logprobs, versions), a, skip in zip(rollouts, split, arrays, adv.tolist(), flat.tolist(), strict=True):
         if skip:
             continue
+        temps = token_temperatures(r.trajectory)
         for ids, mask, pos in ws:
             if not mask.any():
                 continue
             safe = np.maximum(pos, 0)
             lp = np.where(pos >= 0, logprobs[safe], np.nan).astype(np.float32)
+            tw = np.where(pos >= 0, temps[safe], np.nan).astype(np.float32)
             version = int(versions[safe][mask.astype(bool)].min())
             if max_staleness is not None and current_version - version > max_staleness:
                 dropped += 1
                 continue
-            out.append(RLWindow(r.trajectory.id, r.group, ids, mask, lp, float(a), version))
+            out.append(RLWindow(r.trajectory.id, r.group, ids, mask, lp, float(a), version, tw))
     if loss_agg == "rollout" and out:
         out = _equal_rollout_weight(out)
     stale = [current_version - w.version for w in out]
@@ -176,7 +202,8 @@ def pack_rows(windows: Sequence[RLWindow], seq_len: int, pad_id: int) -> list[di
 
     Each row: ``tokens``, ``labels``, ``loss_mask``, ``position_ids``, ``cu_seqlens`` as in
     ``data.pack.build_sequence``, plus ``advantages`` float32 [S] (the window's advantage on its
-    tokens) and ``rollout_logprobs`` float32 [S] (log-prob of ``labels[t]``; NaN where unknown), and
+    tokens), ``rollout_logprobs`` float32 [S] (log-prob of ``labels[t]``; NaN where unknown),
+    ``temperatures`` float32 [S] (the temperature ``labels[t]`` was sampled at; NaN where unknown) and
     ``trajectory_ids``. Raises ValueError for a window longer than ``seq_len``.
     """
     rows = []
@@ -185,11 +212,14 @@ def pack_rows(windows: Sequence[RLWindow], seq_len: int, pad_id: int) -> list[di
         seq = build_sequence([(w.input_ids, w.loss_mask, w.rollout_id) for w in ws], seq_len, pad_id)
         adv = np.zeros(seq_len, np.float32)
         lp = np.full(seq_len, np.nan, np.float32)
+        temps = np.full(seq_len, np.nan, np.float32)
         s = 0
         for w in ws:
             n = len(w)
             adv[s : s + n] = w.advantage
             lp[s : s + n - 1] = w.rollout_logprobs[1:]
+            if w.temperatures is not None:
+                temps[s : s + n - 1] = w.temperatures[1:]
             s += n
         rows.append(
             {
@@ -200,6 +230,7 @@ def pack_rows(windows: Sequence[RLWindow], seq_len: int, pad_id: int) -> list[di
                 "cu_seqlens": seq.cu_seqlens,
                 "advantages": adv,
                 "rollout_logprobs": lp,
+                "temperatures": temps,
                 "trajectory_ids": seq.trajectory_ids,
             }
         )

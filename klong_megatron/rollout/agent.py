@@ -11,7 +11,7 @@ Dataflow per turn::
 Every message's tokens are kept exactly as the model saw (assistant: header + engine output ids
 + end-of-turn suffix; the renderer's canonical stream, so that re-rendering the finished trajectory
 gives the same tokens) and recorded in ``meta.message_ids`` with the per-turn ``steps`` (output ids,
-log-probs, finish reason, weight version, server, generation and tool timings), so
+log-probs, sampling temperature, finish reason, weight version, server, generation and tool timings), so
 ``rendered_from_record`` rebuilds the very token stream the splitter turns into training windows:
 the contexts of a rollout are exactly its windows' prefixes (tested).
 
@@ -197,6 +197,7 @@ class AgentLoop:
                 "finish_reason": gen.finish_reason,
                 "appended_eot": appended,
                 "weight_version": gen.weight_version,
+                "temperature": self.sampling.temperature,  # the trainer scores these tokens at it (rl/windows.py)
                 "server": gen.server,
                 "t_s": round(timing[0], 4),
                 "gen_s": round(timing[1], 4),

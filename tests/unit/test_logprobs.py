@@ -162,3 +162,18 @@ def test_bad_input_is_named(kw, match) -> None:
     opts = {"chunk_size": 2} | {k: v for k, v in kw.items() if k not in args}
     with pytest.raises(ValueError, match=match):
         token_logprobs(args["hidden"], args["weight"], args["targets"], **opts)
+
+
+def test_per_token_temperatures_equal_each_token_at_its_own_temperature() -> None:
+    """Rows packed from rollouts sampled at different temperatures: each token scored at its own one."""
+    hidden, weight, targets, g_lp, g_ent = _inputs(10, 23, 6)
+    temps = torch.tensor([0.7] * 4 + [1.0] * 3 + [0.3] * 3)
+    got = _values_and_grads(token_logprobs, hidden, weight, targets, g_lp, g_ent, chunk_size=3, temperature=temps)
+    want = _values_and_grads(naive_token_logprobs, hidden, weight, targets, g_lp, g_ent, temperature=temps)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+    for i, t in enumerate(temps.tolist()):  # token i == the same token scored alone at the scalar temperature
+        lp_i, _ = token_logprobs(hidden[i : i + 1], weight, targets[i : i + 1], temperature=t)
+        torch.testing.assert_close(got[0][i : i + 1], lp_i.detach())
+    with pytest.raises(ValueError, match="targets' shape"):
+        token_logprobs(hidden, weight, targets, temperature=temps[:5])
