@@ -51,8 +51,10 @@ def build_datasheet(
     *,
     student_tokens: dict[str, int] | None = None,
     settings: dict[str, Any] | None = None,
+    last_run: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The datasheet as a JSON-able dict (see the module docstring)."""
+    """The datasheet as a JSON-able dict (see the module docstring). ``last_run``: the runner's counters and
+    summed times of the run that wrote it (a resumed run counts only its own work)."""
     meta = {r["id"]: r.get("meta") or {} for r in graded}
     kept = [d for d in decisions if d.kept]
     planned = len(tasks) * samples
@@ -101,6 +103,7 @@ def build_datasheet(
         "histograms": hist,
         "cost_tokens": tok,
         "student_tokens_kept": sum(student_tokens.values()) if student_tokens is not None else None,
+        "last_run": last_run or {},
     }
 
 
@@ -132,6 +135,8 @@ def render_markdown(sheet: dict[str, Any]) -> str:
     lines += [f"Total {tok['total']} tokens; {tok['per_kept']} per kept trajectory.", ""]
     if sheet["student_tokens_kept"] is not None:
         lines += [f"Kept trajectories: {sheet['student_tokens_kept']} tokens in the student's chat template.", ""]
+    if sheet["last_run"]:
+        lines += ["Last run: " + ", ".join(f"{k}={v:g}" for k, v in sheet["last_run"].items()), ""]
     lines += ["## Histograms", ""]
     for name, h in sheet["histograms"].items():
         lines += [f"### {name}", ""] + _bars(h, name.split("_")[0], "{:g}")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -95,20 +96,33 @@ def _student_tokens(cfg: DistilConfig, records: list[dict[str, Any]]) -> dict[st
     return {r["id"]: len(renderer.render(parse_trajectory(r, f"sft record {r['id']}")).input_ids) for r in records}
 
 
-def run_distil(cfg: DistilConfig, task_dirs: list[str | Path], out_dir: str | Path) -> dict[str, Any]:
-    """Run (or resume) the distillation of ``task_dirs`` into ``out_dir``; returns the datasheet summary.
+def run_distil(
+    cfg: DistilConfig, task_dirs: list[str | Path], out_dir: str | Path, *, progress: bool = False
+) -> dict[str, Any]:
+    """Run (or resume) the distillation of ``task_dirs`` into ``out_dir``; returns the datasheet (a dict).
 
     Writes ``out_dir/{sft.jsonl, decisions.jsonl, datasheet.json, datasheet.md}`` and keeps the attempts under
     ``out_dir/attempts``. Raises only for bad input (task folders, config); attempt failures are recorded.
+    ``progress``: a progress bar of the attempts on stderr.
     """
+    from tqdm import tqdm
+
     from klong_megatron.eval.runner import EvalRunner
+
+    class Runner(EvalRunner):
+        async def _job(self, *args: Any) -> None:
+            await super()._job(*args)
+            bar.update(1)
+            bar.set_postfix(graded=self.stats.done + self.stats.skipped, failed=self.stats.failed, refresh=False)
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
     out = Path(out_dir)
     attempts = out / "attempts"
     attempts.mkdir(parents=True, exist_ok=True)
-    runner = EvalRunner(eval_config(cfg, task_dirs, attempts), attempts)
-    asyncio.run(runner.run())
+    runner = Runner(eval_config(cfg, task_dirs, attempts), attempts)
+    with tqdm(total=len(runner.tasks) * cfg.samples, desc="distil", disable=not progress, file=sys.stderr) as bar:
+        asyncio.run(runner.run())
+    last_run = {k: v for k, v in runner.stats_dict().items() if k != "errors"}
     wanted = {f"{t}/{k}" for t in runner.tasks for k in range(cfg.samples)}
     graded = [r for r in read_jsonl(attempts / "results.jsonl") if r["id"] in wanted]
     done = {r["id"] for r in graded}
@@ -123,7 +137,8 @@ def run_distil(cfg: DistilConfig, task_dirs: list[str | Path], out_dir: str | Pa
     _write_jsonl(out / "sft.jsonl", sft)
     _write_jsonl(out / "decisions.jsonl", [_decision_json(d) for d in decisions])
     sheet = build_datasheet(sorted(runner.tasks), cfg.samples, graded, list(failures.values()), decisions,
-                            student_tokens=_student_tokens(cfg, sft), settings=_settings(cfg))  # fmt: skip
+                            student_tokens=_student_tokens(cfg, sft), settings=_settings(cfg),
+                            last_run=last_run)  # fmt: skip
     with atomic_output(out / "datasheet.json") as tmp:
         tmp.write_text(json.dumps(sheet, indent=1) + "\n", encoding="utf-8")
     with atomic_output(out / "datasheet.md") as tmp:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -33,7 +32,8 @@ from klong_megatron.config.sandbox import SandboxConfig
 from klong_megatron.data.render import Renderer
 from klong_megatron.data.trajectory import read_trajectories
 from klong_megatron.factory.distil import run_distil
-from tests.integration.openai_agent_double import REAL_MARK, OpenAIAgentDouble, PaperScript
+from tests.integration.distil_tasks import judge_script, make_task
+from tests.integration.openai_agent_double import OpenAIAgentDouble, PaperScript
 from tests.integration.openai_chat_double import Reply
 from tests.integration.openai_judge_double import OpenAIJudgeDouble
 
@@ -46,17 +46,6 @@ QWEN3 = SHARED / "real_tokenizers" / "qwen3"
 if not REAL_TASK.is_dir() or not QWEN3.is_dir():
     pytest.skip(f"real PaperBench task / tokenizer not found under {SHARED}", allow_module_level=True)
 
-GRADE = "# Expectations\nscripted\n# Reality\nscripted by the judge double\n# Score\n{}"
-
-
-def judge(body: dict) -> str:
-    """Execution/result leaves: 1 when the real reproduce.log shows the run; code leaves: 1 when main.py exists."""
-    text = "\n".join(m["content"] for m in body["messages"])
-    log = re.search(r"<reproduce\.log>\n(.*?)\n</reproduce\.log>", text, re.DOTALL)
-    if log is None:
-        return GRADE.format(1 if "main.py" in text else 0)
-    return GRADE.format(1 if REAL_MARK in log.group(1) else 0)
-
 
 class Teacher(OpenAIAgentDouble):
     """The scripted teacher; any request about the Flaky Widget paper gets HTTP 500."""
@@ -65,22 +54,6 @@ class Teacher(OpenAIAgentDouble):
         if "Flaky Widget" in body["messages"][1]["content"]:
             return Reply("upstream exploded (scripted)", status=500)
         return super().answer(body, n)
-
-
-def make_task(root: Path, name: str, title: str) -> Path:
-    """A small task folder: a paper, one Code Development leaf and two Code Execution leaves."""
-    d = root / name
-    d.mkdir(parents=True)
-    (d / "config.yaml").write_text(f"id: {name}\ntitle: {title}\n")
-    (d / "paper.md").write_text(f"# {title}\n\nWe sum the numbers 0..9 and report the metric 45.\n")
-    leaves = [("code", "Code Development", "main.py computes the metric"),
-              ("run", "Code Execution", "reproduce.sh runs main.py"),
-              ("log", "Code Execution", "the run writes results/metrics.json")]  # fmt: skip
-    rubric = {"id": "root", "requirements": title, "weight": 1, "sub_tasks": [
-        {"id": i, "requirements": r, "weight": 1, "sub_tasks": [], "task_category": c,
-         "finegrained_task_category": "Experimental Setup"} for i, c, r in leaves]}  # fmt: skip
-    (d / "rubric.json").write_text(json.dumps(rubric))
-    return d
 
 
 def config(teacher: str, judge_url: str, **kw: object) -> DistilConfig:
@@ -119,7 +92,7 @@ def test_distil_real_and_generated_tasks_keeps_good_unique_attempts_and_records_
     script = PaperScript(plans={"Mechanistic Understanding": ["honest", "cheat", "honest"],
                                 "Tiny Widget": ["noscript", "honest", "honest"]}, reasoning=True)  # fmt: skip
     out = tmp_path / "distil"
-    with Teacher(script) as teacher, OpenAIJudgeDouble(judge) as jsrv:
+    with Teacher(script) as teacher, OpenAIJudgeDouble(judge_script) as jsrv:
         sheet = run_distil(config(teacher.url, jsrv.url, tokenizer=str(QWEN3)), [REAL_TASK, tiny, flaky], out)
 
     graded = {r["id"]: r for r in lines(out / "attempts" / "results.jsonl")}
@@ -187,7 +160,7 @@ def test_distil_killed_mid_run_resumes_without_redoing_finished_attempts(tmp_pat
     tasks = [make_task(tmp_path / "tasks", n, t) for n, t in (("alpha", "Alpha Widget"), ("beta", "Beta Widget"))]
     out = tmp_path / "distil"
     results = out / "attempts" / "results.jsonl"
-    with OpenAIAgentDouble() as teacher, OpenAIJudgeDouble(judge) as jsrv:
+    with OpenAIAgentDouble() as teacher, OpenAIJudgeDouble(judge_script) as jsrv:
         teacher.delay_s = 0.05
         args = {"teacher": teacher.url, "judge": jsrv.url, "tasks": [str(t) for t in tasks], "out": str(out)}
         script = tmp_path / "driver.py"
@@ -209,7 +182,7 @@ def test_distil_killed_mid_run_resumes_without_redoing_finished_attempts(tmp_pat
         starts_before = sum(not any(m["role"] == "assistant" for m in b["messages"]) for b in teacher.requests)
 
         teacher.delay_s = 0.0
-        sheet = run_distil(config(teacher.url, jsrv.url, samples=3, concurrency=1), tasks, out)
+        sheet = run_distil(config(teacher.url, jsrv.url, samples=3, concurrency=1), tasks, out, progress=True)
         starts = sum(not any(m["role"] == "assistant" for m in b["messages"]) for b in teacher.requests)
     assert starts - starts_before == 6 - len(rolled)  # finished attempts were not asked for again
     after = results.read_text().splitlines()
@@ -221,7 +194,7 @@ def test_distil_killed_mid_run_resumes_without_redoing_finished_attempts(tmp_pat
 def test_distil_in_docker_sandboxes_keeps_one_of_two_identical_honest_attempts(tmp_path: Path) -> None:
     task = make_task(tmp_path / "tasks", "gamma", "Gamma Widget")
     sandbox = SandboxConfig(backend="docker", memory_mb=1024)
-    with OpenAIAgentDouble() as teacher, OpenAIJudgeDouble(judge) as jsrv:
+    with OpenAIAgentDouble() as teacher, OpenAIJudgeDouble(judge_script) as jsrv:
         cfg = config(teacher.url, jsrv.url, samples=2, concurrency=2, sandbox=sandbox,
                      reproduce=ReproduceConfig(timeout_s=60, sandbox=sandbox))  # fmt: skip
         sheet = run_distil(cfg, [task], tmp_path / "distil")
