@@ -107,12 +107,13 @@ def build_datasheet(
     }
 
 
-def _bars(h: dict[str, list], label: str, fmt: str = "{}") -> list[str]:
+def _bars(h: dict[str, list], label: str, fmt: str = "{}", closed: bool = False) -> list[str]:
     top = max(h["counts"], default=0) or 1
     lines = [f"| {label} | count | |", "|---|---:|---|"]
     for i, c in enumerate(h["counts"]):
         lo, hi = h["edges"][i], h["edges"][i + 1]
-        lines.append(f"| [{fmt.format(lo)}, {fmt.format(hi)}) | {c} | {'#' * round(20 * c / top)} |")
+        close = "]" if closed and i == len(h["counts"]) - 1 else ")"
+        lines.append(f"| [{fmt.format(lo)}, {fmt.format(hi)}{close} | {c} | {'#' * round(20 * c / top)} |")
     return lines + [""]
 
 
@@ -139,7 +140,8 @@ def render_markdown(sheet: dict[str, Any]) -> str:
         lines += ["Last run: " + ", ".join(f"{k}={v:g}" for k, v in sheet["last_run"].items()), ""]
     lines += ["## Histograms", ""]
     for name, h in sheet["histograms"].items():
-        lines += [f"### {name}", ""] + _bars(h, name.split("_")[0], "{:g}")
+        label = name.split("_")[0]
+        lines += [f"### {name}", ""] + _bars(h, label, "{:g}", closed=label == "score")
     if sheet["failures"]:
         lines += ["## Failures", ""] + [f"- {f['id']}: {' | '.join(f['errors'])}" for f in sheet["failures"]] + [""]
     return "\n".join(lines)
