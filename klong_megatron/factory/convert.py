@@ -23,10 +23,12 @@ import gzip
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 KINDS = {".pdf": "pdf", ".md": "markdown", ".markdown": "markdown", ".tex": "latex", ".gz": "latex", ".tgz": "latex"}
 """File suffix -> source kind (``.tar.gz`` / ``.tgz`` / ``.gz``: an arXiv source archive)."""
@@ -66,16 +68,29 @@ def convert(path: Path, *, pdf_layout: bool = False, pandoc: str = "pandoc", tim
     raise ConversionError(f"{path}: unknown paper file type (expected one of {sorted(KINDS)})")
 
 
+def _pymupdf4llm(layout: bool) -> Any:
+    """pymupdf4llm with its layout model on or off. Importing it loads the layout model (ONNX, ~3 s) whenever
+    that is installed; without ``layout`` the import is kept from doing so (it then runs its classic path)."""
+    if "pymupdf4llm" not in sys.modules and not layout:
+        sys.modules.setdefault("pymupdf.layout", None)  # type: ignore[arg-type]  # -> ImportError inside
+    elif layout and sys.modules.get("pymupdf.layout", 0) is None:
+        del sys.modules["pymupdf.layout"]
+    import pymupdf4llm
+
+    pymupdf4llm.use_layout(layout)
+    return pymupdf4llm
+
+
 def convert_pdf(path: Path, *, layout: bool = False) -> Converted:
     """PDF -> Markdown with pymupdf4llm; title and year from the PDF's metadata when present."""
     try:
         import pymupdf
-        import pymupdf4llm
-    except ImportError:
+
+        pymupdf4llm = _pymupdf4llm(layout)
+    except ImportError as e:
         raise ConversionError(
-            f"{path}: PDF conversion needs pymupdf4llm (AGPL-3.0): pip install -e '.[factory]'"
+            f"{path}: PDF conversion needs pymupdf4llm (AGPL-3.0): pip install -e '.[factory]' ({e})"
         ) from None
-    pymupdf4llm.use_layout(layout)
     try:
         with pymupdf.open(path) as doc:
             if doc.page_count == 0:

@@ -86,6 +86,17 @@ def _items(key: str, lo: int, hi: int, leaf: bool = False):  # noqa: ANN202 - re
     return check
 
 
+async def _all(coros: list[Any]) -> list[Any]:
+    """``asyncio.gather`` that cancels the other requests once one fails (their answers would be thrown away)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        raise
+
+
 def _node_id(paper_id: str, path: str) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, f"klong-factory/{paper_id}/{path}"))
 
@@ -107,9 +118,9 @@ async def write_rubric(paper_md: str, title: str, paper_id: str, cfg: RubricGenC
         step3 = STEP3.format(lo=l_lo, hi=l_hi, cats=list(CATEGORIES), fine=list(FINEGRAINED))
         return await llm.ask_json(step3, user, _items("leaves", l_lo, l_hi, leaf=True), cfg.attempts)
 
-    reqs = await asyncio.gather(*(requirements(c) for c in contribs))
+    reqs = await _all([requirements(c) for c in contribs])
     pairs = [(c, r) for c, rs in zip(contribs, reqs, strict=True) for r in rs]
-    leaf_lists = iter(await asyncio.gather(*(leaves(c, r) for c, r in pairs)))
+    leaf_lists = iter(await _all([leaves(c, r) for c, r in pairs]))
     tree: dict[str, Any] = {
         "id": _node_id(paper_id, "root"),
         "requirements": f'The core contributions of the paper "{title}" have been reproduced.',

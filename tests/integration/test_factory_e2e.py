@@ -1,0 +1,117 @@
+"""klong-factory end to end on CPU: PDFs made at test time (reportlab), an arXiv-style LaTeX archive, Markdown
+papers and one REAL PaperBench paper.md (../shared/data/paperbench_tasks/stochastic-interpolants), through
+collect -> filter (with the LLM judgement) -> rubric -> blacklist (+ addendum) -> task folders, against a scripted
+OpenAI-compatible LLM double (factory_llm_double.py). A corrupt PDF, an endpoint that answers 500 and a rubric
+that never validates end as recorded failures with reasons; the task folders load with klong-eval's loader; a
+second run redoes nothing; a run killed with SIGKILL mid-rubric resumes without repeating finished papers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from factory_llm_double import FactoryLLMDouble
+from factory_papers import body, make_corrupt_pdf, make_latex_archive, make_pdf
+
+from klong_megatron.cli.eval import run as eval_run
+from klong_megatron.cli.factory import run
+from klong_megatron.config.chat import ChatEngineConfig
+from klong_megatron.config.eval import EvalConfig
+from klong_megatron.config.factory import BlacklistConfig, CollectConfig, FactoryConfig, FilterConfig
+from klong_megatron.eval.runner import load_tasks
+from klong_megatron.tasks.paperbench import parse_blacklist
+
+ROOT = Path(__file__).resolve().parents[2]
+REAL = ROOT.parent / "shared" / "data" / "paperbench_tasks" / "stochastic-interpolants"
+
+
+def _md_paper(path: Path, title: str, marker: str = "") -> Path:
+    path.write_text(f"# {title}\n\n" + "\n\n".join(f"## {h}\n\n{t}" for h, t in body(title, marker)) + "\n")
+    return path
+
+
+def _inputs(d: Path) -> Path:
+    d.mkdir()
+    make_pdf(d / "widgets.pdf", "Sparse Widgets for Tabular Learning")
+    make_pdf(d / "widgets-copy.pdf", "Sparse Widgets for Tabular Learning")  # same text: a duplicate
+    make_corrupt_pdf(d / "broken.pdf")
+    make_latex_archive(d / "gadgets.tar.gz", "Dense Gadgets via LaTeX")
+    _md_paper(d / "endpoint.md", "Endpoint Down Paper", "ENDPOINT-DOWN")
+    _md_paper(d / "never.md", "Never Valid Paper", "NEVER-VALID")
+    _md_paper(d / "repair.md", "Needs Repair Paper", "NEEDS-REPAIR")
+    shutil.copy(REAL / "paper.md", d / "stochastic-interpolants.md")
+    return d
+
+
+def test_factory_end_to_end_failures_recorded_and_rerun_redoes_nothing(tmp_path: Path) -> None:
+    inputs, out = _inputs(tmp_path / "in"), tmp_path / "out"
+    with FactoryLLMDouble() as llm:
+        cfg = FactoryConfig(
+            output_dir=str(out), concurrency=4, progress=False,
+            llm=ChatEngineConfig(base_url=llm.url, max_attempts=2, backoff_s=0.01),
+            collect=CollectConfig(inputs=[str(inputs)]), filter=FilterConfig(min_chars=2000, llm=True),
+            blacklist=BlacklistConfig(addendum=True), reference_rubrics=str(REAL.parents[1] / "paperbench_rubrics"),
+        )  # fmt: skip
+        report = run(cfg, str(out))
+        served = llm.served
+        again = run(cfg, str(out))
+        retried = [b["messages"][1]["content"] for b in llm.requests[served:]]
+
+    failures = {f["paper"]: (f["stage"], f["error"]) for f in report["failures"]}
+    assert set(failures) == {"broken", "endpoint", "never"}
+    assert failures["broken"][0] == "collect" and "no readable pages (corrupt" in failures["broken"][1]
+    assert failures["endpoint"][0] == "filter" and "HTTP 500" in failures["endpoint"][1]
+    assert failures["never"][0] == "rubric" and "'Code Writing'" in failures["never"][1]
+    assert report["papers"]["widgets-copy"]["duplicate_of"] == "widgets"
+    assert report["llm_usage"]["repairs"] >= 3  # NEEDS-REPAIR: each of its steps' first answers was refused
+
+    tasks = {t.task_id: t for t in load_tasks([str(out / "tasks")])}  # klong-eval's loader
+    assert set(tasks) == {"gadgets", "repair", "stochastic-interpolants", "widgets"}
+    for t in tasks.values():
+        assert len(list(t.rubric.leaves())) == 3 * 2 * 3 and t.rubric.depth() == 3
+        assert t.addendum.startswith("Use any public implementation")
+    real = tasks["stochastic-interpolants"]
+    assert real.title == "Stochastic Interpolants with Data-Dependent Couplings"
+    assert real.blacklist == parse_blacklist((REAL / "blacklist.txt").read_text(), "real")
+    assert tasks["widgets"].blacklist == ["https://github.com/acme/sparse-widgets"] and tasks["widgets"].has_pdf
+    assert "PaperBench (n=3)" in report["rubric_table"]
+    summary = eval_run(EvalConfig(tasks=[str(out / "tasks")], dry_run=True), tmp_path / "eval")
+    assert sorted(summary["tasks"]) == sorted(tasks)
+
+    assert all(r["done"] == 0 for r in again["stages"].values())  # nothing finished is redone ...
+    assert retried and all("ENDPOINT-DOWN" in u or "NEVER-VALID" in u for u in retried)  # only failures retried
+    assert {f["paper"] for f in again["failures"]} == {"broken", "endpoint", "never"}
+
+
+def test_factory_killed_mid_rubric_resumes_without_redoing_finished_papers(tmp_path: Path) -> None:
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    for i in range(6):
+        _md_paper(inputs / f"paper{i}.md", f"Paper number {i} on widgets")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with FactoryLLMDouble(delay_s=0.15) as llm:
+        cmd = [sys.executable, "-m", "klong_megatron.cli.factory", f"output_dir={out}", f"collect.inputs=[{inputs}]",
+               "filter.min_chars=2000", "concurrency=2", "progress=false", f"llm.base_url={llm.url}"]  # fmt: skip
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while not list(out.glob("papers/*/rubric.done.json")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        done_before = {p.parent.name for p in out.glob("papers/*/rubric.done.json")}
+        assert 1 <= len(done_before) < 6, proc.stdout.read().decode()[-2000:]
+        titles = {json.loads((out / "papers" / d / "meta.json").read_text())["title"] for d in done_before}
+        llm.delay_s = 0.0
+        r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "rubric: " in r.stdout and f"{len(done_before)} already done" in r.stdout
+    for title in titles:  # a finished rubric was never asked for again
+        assert llm.per_paper[f"Paper: {title}"] == 1
+    assert len(load_tasks([str(out / "tasks")])) == 6
+    assert not list(out.glob("tasks/.*"))  # no half-built task folder left behind
