@@ -128,6 +128,39 @@ class HealthConfig:
             raise ValueError(f"rl.health.max_rollbacks must be >= 0, got {self.max_rollbacks}")
 
 
+STAGE_SWITCH = ("finish", "cancel")
+
+
+@dataclass
+class RefillConfig:
+    """Continuous refill (``rollout/service.py``, ``rl/batches.py``): ``rollout.concurrency`` rollouts always
+    run; an update takes the first complete groups of the service's group log."""
+
+    enabled: bool = False
+    """On: the rollout service refills slots at once and updates take complete groups (groups stay whole);
+    off: one batch of rollouts per iteration (the next one overlapping training with ``rl.partial_rollouts``)."""
+    stage_switch: str = "finish"
+    """At a stage switch, groups already started finish under their own stage's timeout and later updates
+    train on them (finish), or their running rollouts are cancelled and their groups skipped (cancel)."""
+    max_ahead: int = 0
+    """Groups the service may hold beyond what the trainer took (complete + in progress); 0: enough to keep
+    every slot busy plus two iterations' worth."""
+    service_url: str | None = None
+    """URL of a ``klong-rollout-service`` on the same output_dir (its own process / Slurm step); None: the
+    service runs inside trainer rank 0."""
+    port: int = 0
+    """``klong-rollout-service``: the HTTP port to listen on (0: a free one, printed)."""
+    poll_s: float = 1.0
+    """How often the trainer reads the group log while it waits for complete groups."""
+
+    def __post_init__(self) -> None:
+        if self.stage_switch not in STAGE_SWITCH:
+            raise ValueError(f"rl.refill.stage_switch must be one of {STAGE_SWITCH}, got {self.stage_switch!r}")
+        if self.max_ahead < 0 or self.port < 0 or self.poll_s <= 0:
+            raise ValueError(f"rl.refill.max_ahead and port must be >= 0 and poll_s > 0, got {self.max_ahead}, "
+                             f"{self.port}, {self.poll_s}")  # fmt: skip
+
+
 @dataclass
 class RLLoopConfig:
     """The iteration loop: epochs over each batch, off-policy bounds, evaluation, weight sync."""
@@ -164,6 +197,8 @@ class RLLoopConfig:
     """tasks.source=demo: write this many scripted-expert trajectories as the warm-up data (0: use data)."""
     health: HealthConfig = field(default_factory=HealthConfig)
     """Collapse and stall detection and what to do about it."""
+    refill: RefillConfig = field(default_factory=RefillConfig)
+    """Continuous refill and the rollout service (in-process or its own process)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -220,6 +255,13 @@ class RLConfig:
         if reserve < new:
             raise ValueError(f"data.policy.gen_reserve ({reserve}) must hold a whole assistant turn: at least "
                              f"rollout.sampling.max_new_tokens ({new}) + the turn's header and end tokens")  # fmt: skip
+        refill = self.rl.refill
+        if refill.service_url and not refill.enabled:
+            raise ValueError("rl.refill.service_url needs rl.refill.enabled=true")
+        if refill.service_url and (self.rollout.engine != "sglang" or self.rollout.weight_pause_mode == "abort"):
+            raise ValueError("rl.refill.service_url: the service's rollouts must survive the trainer's weight "
+                             "pushes on shared servers: use rollout.engine=sglang with rollout.servers and "
+                             "rollout.weight_pause_mode=retract or in_place (abort would end their turns)")  # fmt: skip
         seq = self.data.policy.max_len
         if seq > self.model.seq_length:
             raise ValueError(f"data.policy.max_len ({seq}) exceeds model.seq_length ({self.model.seq_length})")

@@ -19,10 +19,10 @@ from klong_megatron.tasks.rollout import paper_rollout
 
 
 async def paper_rollout_and_grade(
-    trainer: Any, agent: Any, task: PaperTask, rtask: RolloutTask, tools: ToolsConfig, priority: str
+    services: Any, agent: Any, task: PaperTask, rtask: RolloutTask, tools: ToolsConfig, priority: str
 ) -> Trajectory:
-    """One judged rollout of a paper task for ``trainer`` (an RLTrainer: cfg, judge, stage_root)."""
-    c = trainer.cfg
-    traj = await paper_rollout(agent, task, rtask, sandbox=c.sandbox, tools=tools, stage_root=trainer.stage_root)
-    return await grade_paper_rollout(traj, task, trainer.judge, reproduce_cfg=c.reproduce, priority=priority,
+    """One judged rollout of a paper task on ``services`` (``rl/services.py``: cfg, judge, stage_root)."""
+    c = services.cfg
+    traj = await paper_rollout(agent, task, rtask, sandbox=c.sandbox, tools=tools, stage_root=services.stage_root)
+    return await grade_paper_rollout(traj, task, services.judge, reproduce_cfg=c.reproduce, priority=priority,
                                      max_invalid_frac=c.rl.max_invalid_frac)  # fmt: skip

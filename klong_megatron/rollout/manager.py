@@ -148,19 +148,30 @@ class RolloutManager:
         return stats
 
     async def _attempt(self, task: RolloutTask, stats: ManagerStats) -> Trajectory | None:
-        for attempt in range(self.max_retries + 1):
-            try:
-                traj = await self.rollout_fn(task)
-            except Exception as e:  # a crashed sandbox/server: report and retry with a fresh rollout
-                msg = f"rollout {task.id} attempt {attempt + 1}/{self.max_retries + 1} failed: {type(e).__name__}: {e}"
-                log.warning(msg)
-                if attempt < self.max_retries:
-                    stats.retries += 1
-                    continue
-                stats.failed += 1
-                stats.errors.append(msg)
-                return None
-            if traj.id != task.id:
-                raise ValueError(f"rollout_fn returned trajectory {traj.id!r} for task {task.id!r}")
-            return traj
-        return None
+        traj, errors = await run_with_retries(self.rollout_fn, task, self.max_retries)
+        stats.retries += len(errors) - (traj is None)
+        if traj is None:
+            stats.failed += 1
+            stats.errors.append(errors[-1])
+        return traj
+
+
+async def run_with_retries(
+    rollout_fn: RolloutFn, task: RolloutTask, max_retries: int
+) -> tuple[Trajectory | None, list[str]]:
+    """``rollout_fn(task)``, retried from scratch after an exception up to ``max_retries`` times.
+
+    Returns the trajectory (None when every attempt failed) and one message per failed attempt."""
+    errors: list[str] = []
+    for attempt in range(max_retries + 1):
+        try:
+            traj = await rollout_fn(task)
+        except Exception as e:  # a crashed sandbox/server: report and retry with a fresh rollout
+            msg = f"rollout {task.id} attempt {attempt + 1}/{max_retries + 1} failed: {type(e).__name__}: {e}"
+            log.warning(msg)
+            errors.append(msg)
+            continue
+        if traj.id != task.id:
+            raise ValueError(f"rollout_fn returned trajectory {traj.id!r} for task {task.id!r}")
+        return traj, errors
+    return None, errors

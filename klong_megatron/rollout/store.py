@@ -5,7 +5,8 @@ returns) -> the file is the data pipeline's trajectory JSONL. On open, a torn la
 process died while writing it) is cut off, and the ids of the complete lines are loaded, so a
 restarted manager skips finished rollouts and never writes one twice.
 
-Limits: one writer per file (the manager); ids of every stored record are kept in memory.
+Limits: one writer per file (the manager or the rollout service); ids of every stored record are kept in
+memory. Readers in other processes use ``read_at`` with the offsets ``append`` returned.
 """
 
 from __future__ import annotations
@@ -66,15 +67,32 @@ class TrajectoryStore:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def append(self, record: dict[str, Any]) -> None:
-        """Durably append one record; a record whose id is already stored raises ValueError."""
+    def append(self, record: dict[str, Any]) -> int:
+        """Durably append one record; returns its line's byte offset (for ``read_at``). A record whose id
+        is already stored raises ValueError."""
         rid = str(record["id"])
-        line = json.dumps(record, ensure_ascii=False) + "\n"
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
         with self._lock:
             if rid in self.ids:
                 raise ValueError(f"{self.path}: trajectory {rid!r} is already stored")
-            with open(self.path, "a", encoding="utf-8") as f:
+            with open(self.path, "ab") as f:
+                offset = f.seek(0, os.SEEK_END)
                 f.write(line)
                 f.flush()
                 os.fsync(f.fileno())
             self.ids.add(rid)
+        return offset
+
+
+def read_at(path: str | Path, offsets: list[int]) -> list[dict[str, Any]]:
+    """The records whose lines start at ``offsets`` in the JSONL file ``path`` (as ``append`` returned
+    them): a reader (another process, too) gets exactly those records without scanning the file."""
+    out = []
+    with open(path, "rb") as f:
+        for off in offsets:
+            f.seek(off)
+            line = f.readline()
+            if not line.endswith(b"\n"):
+                raise ValueError(f"{path}: no complete record at byte {off}")
+            out.append(json.loads(line))
+    return out
