@@ -75,8 +75,10 @@ def _pymupdf4llm(layout: bool) -> Any:
         sys.modules.setdefault("pymupdf.layout", None)  # type: ignore[arg-type]  # -> ImportError inside
     elif layout and sys.modules.get("pymupdf.layout", 0) is None:
         del sys.modules["pymupdf.layout"]
+    import pymupdf
     import pymupdf4llm
 
+    pymupdf.no_recommend_layout()  # we chose; no advice on stdout
     pymupdf4llm.use_layout(layout)
     return pymupdf4llm
 

@@ -177,8 +177,10 @@ class Factory:
         task_dirs = [self.out / "tasks" / p.paper_id for p in self.store.ready_for("distil")]
         if not task_dirs:
             return {"tasks": 0}
-        summary = run_distil(self.cfg.distil, task_dirs, self.out / "distil")
-        return {"tasks": len(task_dirs), **{k: v for k, v in summary.items() if isinstance(v, int | float)}}
+        summary = run_distil(self.cfg.distil, task_dirs, self.out / "distil", progress=self.cfg.progress)
+        flat = {f"attempts_{k}": v for k, v in summary.get("attempts", {}).items()}
+        flat |= {f"decided_{k}": v for k, v in summary.get("decisions", {}).items()}
+        return {"tasks": len(task_dirs), "tokens_total": summary.get("cost_tokens", {}).get("total", 0), **flat}
 
     # ------------------------------------------------------------ report
 

@@ -1,0 +1,133 @@
+"""Research-Factory throughput: paper conversion on one core, and the LLM stages' own overhead.
+
+    .venv/bin/python benchmarks/factory_throughput.py [--pdfs 8] [--pages 10] [--papers 64] [--only convert|rubric]
+
+1. Conversion (collect's converters, one process, one thread): PDFs made with reportlab (``--pages`` pages of
+   text, headings and a ruled table each) through pymupdf4llm, without and with PyMuPDF's layout model, and
+   arXiv-style LaTeX archives through pandoc. Papers per hour = 3600 / mean seconds per paper (the first
+   conversion, which pays the imports, is left out).
+2. Rubric generation (stage rubric, 3 contributions x 2 requirements x 3 leaves = 10 LLM calls per paper) over
+   ``--papers`` Markdown papers at concurrency 1, 16 and 64, against the zero-latency scripted endpoint
+   (tests/integration/factory_llm_double.py) run in its own process: what the pipeline itself costs (prompt
+   building, HTTP, JSON checks, validation, atomic writes). With a real model the endpoint's latency dominates
+   and concurrency is what hides it.
+Stage 6 (distil) adds its own rows (factory/distil.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
+from factory_papers import make_latex_archive, make_pdf  # noqa: E402
+
+from klong_megatron.config.chat import ChatEngineConfig  # noqa: E402
+from klong_megatron.config.factory import CollectConfig, FactoryConfig, FilterConfig  # noqa: E402
+from klong_megatron.factory.convert import convert  # noqa: E402
+from klong_megatron.factory.pipeline import Factory  # noqa: E402
+
+DOUBLE = """import sys, time; sys.path.insert(0, {path!r})
+from factory_llm_double import FactoryLLMDouble
+d = FactoryLLMDouble(record=False).start(); print(d.url, flush=True); time.sleep(1e9)"""
+
+
+def bench_convert(n: int, pages: int) -> list[list[str]]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        pdfs = [make_pdf(d / f"p{i}.pdf", f"Paper {i} on widgets", repeats=4 * pages) for i in range(n + 1)]
+        texs = [make_latex_archive(d / f"t{i}.tar.gz", f"Paper {i} on gadgets") for i in range(n + 1)]
+        for name, files, kw in (("PDF, pymupdf4llm", pdfs, {}), ("PDF, pymupdf4llm + layout model", pdfs,
+                                {"pdf_layout": True}), ("LaTeX archive, pandoc", texs, {})):  # fmt: skip
+            secs, chars = [], []
+            for f in files:
+                t0 = time.perf_counter()
+                chars.append(len(convert(f, **kw).markdown))
+                secs.append(time.perf_counter() - t0)
+            mean = statistics.mean(secs[1:])
+            rows.append([name, str(n), f"{statistics.mean(chars) / 1000:.0f}k", f"{mean:.3f}", f"{3600 / mean:,.0f}"])
+    return rows
+
+
+def _papers(d: Path, n: int) -> None:
+    from factory_papers import body
+
+    d.mkdir()
+    for i in range(n):
+        title = f"Paper {i} on widgets"
+        (d / f"p{i}.md").write_text(f"# {title}\n\n" + "\n\n".join(f"## {h}\n\n{t}" for h, t in body(title)))
+
+
+def bench_rubric(n: int, url: str) -> list[list[str]]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        _papers(Path(tmp) / "in", n)
+        for conc in (1, 16, 64):
+            out = Path(tmp) / f"out{conc}"
+            cfg = FactoryConfig(stages=["collect", "filter"], concurrency=conc, progress=False,
+                                llm=ChatEngineConfig(base_url=url), filter=FilterConfig(min_chars=1000),
+                                collect=CollectConfig(inputs=[str(Path(tmp) / "in")]))  # fmt: skip
+            Factory(cfg, out).run()
+            cfg.stages = ["rubric"]
+            factory = Factory(cfg, out)
+            cpu0 = time.process_time()
+            res = factory.run()["stages"]["rubric"]
+            cpu = time.process_time() - cpu0
+            calls, secs = factory.llm_usage["calls"], res["seconds"]
+            rows.append([str(conc), str(res["done"]), str(calls), f"{secs:.2f}", f"{res['done'] / secs:.1f}",
+                         f"{calls / secs:.0f}", f"{calls / cpu:.0f}"])  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--pdfs", type=int, default=8)
+    ap.add_argument("--pages", type=int, default=10)
+    ap.add_argument("--papers", type=int, default=64)
+    ap.add_argument("--only", choices=["convert", "rubric"])
+    args = ap.parse_args()
+    console = Console()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.only != "rubric":
+        t = Table(title=f"Conversion on one core ({args.pages}-page PDFs)")
+        for c in ("source", "papers", "chars/paper", "s/paper", "papers/hour"):
+            t.add_column(c)
+        for row in bench_convert(args.pdfs, args.pages):
+            t.add_row(*row)
+        console.print(t)
+    if args.only != "convert":
+        code = DOUBLE.format(path=str(ROOT / "tests" / "integration"))
+        double = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        try:
+            url = double.stdout.readline().strip()
+            t = Table(title=f"Rubric generation, {args.papers} papers, zero-latency endpoint (10 calls/paper)")
+            for c in (
+                "concurrency",
+                "papers",
+                "LLM calls",
+                "wall s",
+                "papers/s",
+                "calls/s",
+                "calls per pipeline CPU-s",
+            ):
+                t.add_column(c)
+            for row in bench_rubric(args.papers, url):
+                t.add_row(*row)
+            console.print(t)
+        finally:
+            double.kill()
+
+
+if __name__ == "__main__":
+    main()
