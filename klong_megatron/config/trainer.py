@@ -101,6 +101,11 @@ class TrainerConfig:
     """Checkpoint directory (dist_checkpointing); None means <run dir>/checkpoints."""
     save_every: int = 0
     """Save every this many steps; 0 saves only at the end (and on SIGTERM / Ctrl-C)."""
+    async_save: bool = False
+    """Write checkpoints in a background process while training goes on (SFT; ``latest`` names a step only once
+    every rank's writer finished; at most one save in flight)."""
+    fully_parallel_save: bool = False
+    """Spread the writing of replicated tensors over the DP x CP ranks instead of DP rank 0 writing them all."""
     resume: bool = True
     """Continue from the latest checkpoint in save_dir when one exists."""
     resume_from: str | None = None

@@ -16,12 +16,20 @@ mid-save resumes from the previous checkpoint and an ``iter_N`` directory is alw
 SIGTERM / SIGINT arriving during a save are deferred (:func:`deferred_signals`): the save finishes, then
 the signal goes to the handler that was installed before (the trainer's stop flag, or the default).
 
+Fully parallel saves (``fully_parallel=True``): every tensor replicated over DP x CP is written by one of its
+replicas, chosen to balance bytes per rank (megatron-core ``FullyParallelSaveStrategyWrapper``), instead of all by
+DP rank 0. Asynchronous saves (an :class:`AsyncSaver`): the state is staged to host memory and written by a forked
+process (megatron-core ``AsyncCallsQueue``) while training goes on; the rename to ``iter_N`` and ``latest`` happen
+in the finalisation after every rank's writer finished (``AsyncSaver.poll`` each step, ``wait`` before the next
+save and at the end), so a run killed while a background save is written resumes from the previous checkpoint.
+
 For inference (dev server, RL reference model) :func:`load_model_weights` loads only the model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import multiprocessing as mp
 import os
@@ -41,6 +49,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
 # fully_reshardable: the distributed optimizer's state in model-parameter shape (gathered over DP on save,
 # sliced per rank on load), so a checkpoint resumes at any TP/PP/DP layout (megatron-core 0.16.1
@@ -216,29 +227,91 @@ def _publish(partial: Path, final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(save_dir: str | Path, model, optimizer, scheduler, train_state: TrainState) -> Path:
+class AsyncSaver:
+    """Checkpoint writes in the background: at most one in flight (megatron-core ``AsyncCallsQueue``, a forked
+    writer process per save). Collective: every rank calls :meth:`poll` at the same points (once per step) and
+    :meth:`wait` before exiting; both return the checkpoint directories that became complete."""
+
+    def __init__(self) -> None:
+        self.queue = AsyncCallsQueue()
+        self.pending: list[Path] = []
+
+    def poll(self) -> list[Path]:
+        """Finalise the save if every rank's writer finished (non-blocking; one all-reduce)."""
+        return self._finalize(blocking=False)
+
+    def wait(self) -> list[Path]:
+        """Block until the save in flight is written and published (SIGTERM / SIGINT deferred meanwhile)."""
+        with deferred_signals():
+            return self._finalize(blocking=True)
+
+    def _finalize(self, *, blocking: bool) -> list[Path]:
+        if not self.pending:
+            return []
+        done = len(self.queue.maybe_finalize_async_calls(blocking=blocking))
+        published, self.pending = self.pending[:done], self.pending[done:]
+        return published
+
+
+def _save_strategy(fully_parallel: bool):
+    """torch_dist, optionally spread over the DP x CP replicas of every tensor (Megatron-LM's default on GPUs)."""
+    strategy = get_default_save_sharded_strategy()
+    if not fully_parallel:
+        return strategy
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return FullyParallelSaveStrategyWrapper(strategy, group, do_cache_distribution=False)
+
+
+def _publish_step(partial: Path, path: Path, save_dir: Path, step: int) -> None:
+    """Collective: after every rank wrote its part, rank 0 renames ``partial`` to ``path`` and writes ``latest``."""
+    dist.barrier()
+    if dist.get_rank() == 0:
+        _publish(partial, path)
+        tmp = save_dir / "latest.tmp"
+        tmp.write_text(str(step))
+        tmp.replace(save_dir / "latest")
+    dist.barrier()
+
+
+def save_checkpoint(
+    save_dir: str | Path,
+    model,
+    optimizer,
+    scheduler,
+    train_state: TrainState,
+    *,
+    fully_parallel: bool = False,
+    saver: AsyncSaver | None = None,
+) -> Path:
     """Save everything needed to resume at ``train_state.step``; returns the checkpoint directory.
 
     Collective: every rank must call it. ``model`` is this rank's (DDP-wrapped) model chunk. SIGTERM /
-    SIGINT during the save are delivered after it (:func:`deferred_signals`).
+    SIGINT during the save are delivered after it (:func:`deferred_signals`). With ``saver`` the save is
+    asynchronous: this returns once the state is staged and the writer started (after waiting for the
+    previous one); the directory is complete when ``saver.poll()`` / ``saver.wait()`` return it.
     """
+    if saver is not None:
+        saver.wait()
     path = step_dir(save_dir, train_state.step)
     partial = path.with_name(path.name + ".partial")
-    with deferred_signals():
+    with deferred_signals():  # the writer processes forked in here start with SIGTERM / SIGINT blocked
         _start_results_queue_ignoring_sigterm()
         if dist.get_rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
             partial.mkdir(parents=True)
         dist.barrier()
         sd = _state_dict(model, optimizer, scheduler, train_state, loading=False)
-        dist_checkpointing.save(sd, str(partial), content_metadata={**_OPTIM_METADATA, **_layout()})
-        dist.barrier()
-        if dist.get_rank() == 0:
-            _publish(partial, path)
-            tmp = Path(save_dir) / "latest.tmp"
-            tmp.write_text(str(train_state.step))
-            tmp.replace(Path(save_dir) / "latest")
-        dist.barrier()
+        request = dist_checkpointing.save(
+            sd, str(partial), sharded_strategy=_save_strategy(fully_parallel), async_sharded_save=saver is not None,
+            content_metadata={**_OPTIM_METADATA, **_layout()},
+        )  # fmt: skip
+        publish = functools.partial(_publish_step, partial, path, Path(save_dir), train_state.step)
+        if saver is None:
+            publish()
+            return path
+        request.add_finalize_fn(publish)
+        saver.queue.schedule_async_request(request)
+        saver.pending.append(path)
     return path
 
 

@@ -96,6 +96,7 @@ class SFTTrainer:
         dp_rank, dp_size = data_parallel_rank_and_size()
         self.plan = BatchPlan(self.tcfg.global_batch_size, self.tcfg.micro_batch_size, dp_size, dp_rank)
         self.save_dir = Path(self.tcfg.save_dir or self.out / "checkpoints")
+        self.saver = ckpt.AsyncSaver() if self.tcfg.async_save else None
         self.seq_len = cfg.data.seq_len or cfg.data.policy.max_len
         self.model, self.optimizer, self.scheduler = build_training_model(
             self.cfg.model, self.tcfg, init_from_hf=self.cfg.init_from_hf
@@ -253,9 +254,18 @@ class SFTTrainer:
             self.logger.log(self.state.step, mix, prefix="blend")
 
     def save(self) -> Path:
-        path = ckpt.save_checkpoint(self.save_dir, self.model, self.optimizer, self.scheduler, self.state)
-        self._log_info(f"saved checkpoint {path}")
+        t = self.tcfg
+        self._published(wait=True)  # the previous background save first (one in flight)
+        path = ckpt.save_checkpoint(self.save_dir, self.model, self.optimizer, self.scheduler, self.state,
+                                    fully_parallel=t.fully_parallel_save, saver=self.saver)  # fmt: skip
+        self._log_info(f"writing checkpoint {path} in the background" if self.saver else f"saved checkpoint {path}")
         return path
+
+    def _published(self, *, wait: bool) -> None:
+        """Async saves: log the checkpoints that became complete (``wait``: block for the one in flight)."""
+        if self.saver is not None:
+            for path in self.saver.wait() if wait else self.saver.poll():
+                self._log_info(f"saved checkpoint {path}")
 
     def run(self, logger: MetricsLogger | None = None) -> dict[str, Any]:
         """Train to ``train_steps`` (or a stop); returns the final state, last metrics and how it ended."""
@@ -269,6 +279,7 @@ class SFTTrainer:
         try:
             while self.state.step < t.train_steps:
                 metrics = self.train_step()
+                self._published(wait=False)
                 steps_here += 1
                 self.loss_history.append(metrics["loss"])
                 step = self.state.step
@@ -292,6 +303,7 @@ class SFTTrainer:
                         break
             if saved_step != self.state.step:
                 self.save()
+            self._published(wait=True)
         finally:
             stop.restore()
         if stopped_by:
