@@ -19,6 +19,12 @@ Modes (same random draws for the k-th launched rollout / judge job in every mode
   aborted) and replaced by a new group. In-flight rollouts pause during weight sync and continue
   under the new weights (the partial rollout), so staleness is counted from the start version.
 - ``partial_fifo``: ``partial`` with a plain FIFO judge queue (isolates the priority queue).
+- ``refill``: the rollout service (``rollout/service.py``, ``rl.refill.enabled``): ``slots`` rollouts run
+  whenever the buffer allows; a new group starts while ``started groups - taken < max_ahead``; each rollout
+  is judged inside its slot (the service's rollout function returns a judged trajectory), so its server
+  idles meanwhile; the trainer takes the first ``tasks_per_iter`` complete groups in completion order and
+  frees their buffer room after the weight sync (``released``); nothing is dropped (staleness is reported;
+  the trainer's token-level filter and TIS handle it).
 
 Rollout durations: a fraction ``timeout_frac`` runs into the stage timeout; the rest need a
 lognormal amount of generation time (median ``body_median_frac x timeout``), cut at the timeout.
@@ -43,8 +49,8 @@ from typing import Literal
 from rich.console import Console
 from rich.table import Table
 
-Mode = Literal["sync", "partial", "partial_fifo"]
-MODES: tuple[Mode, ...] = ("sync", "partial", "partial_fifo")
+Mode = Literal["sync", "partial", "partial_fifo", "refill"]
+MODES: tuple[Mode, ...] = ("sync", "partial", "partial_fifo", "refill")
 HOUR = 3600.0
 
 
@@ -88,6 +94,9 @@ class SimParams:
     """An eval round every this many steps (0: none)."""
     eval_tasks: int = 8
     """Eval rollouts per round (on separate eval servers); each becomes an eval-priority judge job."""
+    max_ahead: int = 0
+    """Refill mode: groups started but not yet taken by the trainer; 0: ceil(slots / n) + 2 x tasks_per_iter
+    (rl/batches.py's default)."""
     seed: int = 0
     """Seed of every random draw."""
 
@@ -99,7 +108,7 @@ class SimParams:
             if getattr(self, name) <= 0:
                 raise ValueError(f"SimParams.{name} must be > 0, got {getattr(self, name)}")
         non_negative = ("body_sigma", "judge_median_s", "judge_sigma", "train_fixed_s", "train_s_per_rollout_hour")
-        for name in (*non_negative, "sync_s", "max_staleness", "eval_every", "eval_tasks"):
+        for name in (*non_negative, "sync_s", "max_staleness", "eval_every", "eval_tasks", "max_ahead"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SimParams.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.timeout_frac <= 1:
@@ -112,6 +121,11 @@ class SimParams:
     @property
     def batch(self) -> int:
         return self.tasks_per_iter * self.n
+
+    @property
+    def ahead(self) -> int:
+        """Refill mode's buffer bound in groups."""
+        return self.max_ahead or -(-self.slots // self.n) + 2 * self.tasks_per_iter
 
 
 @dataclass
@@ -244,7 +258,7 @@ class _Pipeline:
 
     def __init__(self, p: SimParams, mode: Mode) -> None:
         self.p, self.mode = p, mode
-        self.lag = 0 if mode == "sync" else p.max_staleness
+        self.lag = 0 if mode == "sync" else 1 << 30 if mode == "refill" else p.max_staleness
         self.work = _Stream(p.seed, "work", _work(p))
         self.judge_s = _Stream(p.seed, "judge", _lognormal(p.judge_median_s, p.judge_sigma))
         work = _work(p)
@@ -254,6 +268,7 @@ class _Pipeline:
         self.events: list[tuple[float, int, Callable[..., None], tuple]] = []
         self.seq = self.version = self.steps = self.judge_busy = self.dropped_groups = self.eval_jobs = 0
         self.paused = self.training = False
+        self.taken = self.judging_in_slot = 0  # refill: groups released by the trainer; slots held by the judge
         self.end_s: float | None = None
         self.pauses: list[tuple[float, float]] = []
         self.rollouts: list[RolloutRecord] = []
@@ -284,8 +299,11 @@ class _Pipeline:
 
     def fill_slots(self) -> None:
         p = self.p
-        credit = min(self.version + 1 + self.lag, p.iterations) * p.tasks_per_iter + self.dropped_groups
-        while not self.paused and self.end_s is None and len(self.running) < p.slots:
+        if self.mode == "refill":
+            credit = self.taken + p.ahead
+        else:
+            credit = min(self.version + 1 + self.lag, p.iterations) * p.tasks_per_iter + self.dropped_groups
+        while not self.paused and self.end_s is None and len(self.running) + self.judging_in_slot < p.slots:
             g = self.groups[-1] if self.groups else None
             if g is None or g.state != "open" or len(g.members) == p.n:
                 if len(self.groups) >= credit:
@@ -317,6 +335,7 @@ class _Pipeline:
                     self.submit(False, h)
                 self.held = []
         else:
+            self.judging_in_slot += self.mode == "refill"
             self.submit(False, rid)
         self.fill_slots()
 
@@ -343,6 +362,7 @@ class _Pipeline:
     def judge_end(self, is_eval: bool, ref: int) -> None:
         self.judge_busy -= 1
         if not is_eval:
+            self.judging_in_slot -= self.mode == "refill"
             r = self.rollouts[ref]
             r.judged += 1
             g = self.groups[r.group]
@@ -358,7 +378,8 @@ class _Pipeline:
         p = self.p
         if self.training or self.steps == p.iterations:
             return
-        ready = sorted((g for g in self.groups if g.state == "ready"), key=lambda g: (g.version, g.ready_s))
+        order = (lambda g: g.ready_s) if self.mode == "refill" else (lambda g: (g.version, g.ready_s))  # log order
+        ready = sorted((g for g in self.groups if g.state == "ready"), key=order)
         if len(ready) < p.tasks_per_iter:
             return
         gen_s = 0.0
@@ -384,6 +405,7 @@ class _Pipeline:
         self.paused = self.training = False
         self.version += 1
         self.steps += 1
+        self.taken += p.tasks_per_iter if self.mode == "refill" else 0
         if self.steps == p.iterations:
             self.end_s = self.now
         for g in self.groups:
@@ -422,7 +444,12 @@ def simulate(params: SimParams, mode: Mode) -> SimResult:
 
 # ---------------------------------------------------------------------- command line
 
-MODE_NAMES = {"sync": "synchronous", "partial": "partial + priority judge", "partial_fifo": "partial + FIFO judge"}
+MODE_NAMES = {
+    "sync": "synchronous",
+    "partial": "partial + priority judge",
+    "partial_fifo": "partial + FIFO judge",
+    "refill": "refill (rollout service)",
+}
 
 
 def _hours_list(text: str) -> list[float]:
@@ -457,6 +484,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--max-staleness", type=int, default=d.max_staleness, help="partial modes: max policy-version lag")
     add("--eval-every", type=int, default=d.eval_every, help="eval round every k steps (0: none)")
     add("--eval-tasks", type=int, default=d.eval_tasks, help="eval judge jobs per round")
+    add("--max-ahead", type=int, default=d.max_ahead, help="refill: groups ahead of the trainer (0: default)")
     add("--seed", type=int, default=d.seed)
     return ap.parse_args(argv)
 
@@ -482,6 +510,7 @@ def params_for_stage(args: argparse.Namespace, timeout_h: float) -> SimParams:
         max_staleness=args.max_staleness,
         eval_every=args.eval_every,
         eval_tasks=args.eval_tasks,
+        max_ahead=args.max_ahead,
         seed=args.seed,
     )
 

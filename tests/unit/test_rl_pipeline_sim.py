@@ -193,3 +193,28 @@ def test_command_line_prints_one_table_per_stage(capsys: pytest.CaptureFixture[s
     out = capsys.readouterr().out
     assert "Stage timeout 1 h" in out and "Stage timeout 3 h" in out
     assert out.count("synchronous") == 2 and "1.00x" in out
+
+
+def test_refill_servers_idle_only_while_their_rollout_is_judged_in_the_slot() -> None:
+    # Every rollout generates the timeout D, then holds its slot while judged for J (the service's rollout
+    # function returns a judged trajectory); training and sync take no time, so the buffer never binds:
+    # the slots cycle D + J in lockstep and the last step ends at I * (D + J).
+    d, j = SMALL.timeout_s, 0.25 * HOUR
+    p = _degenerate(judge_median_s=j, judge_sigma=0.0, judge_workers=64)
+    res = sim.simulate(p, "refill")
+    assert res.end_s == pytest.approx(p.iterations * (d + j))
+    assert res.idle_fraction == pytest.approx(j / (d + j), rel=1e-9)
+
+
+def test_refill_never_starts_more_groups_than_max_ahead_beyond_what_was_taken() -> None:
+    # A slow trainer: the buffer bound, not the slots, limits how far the service runs ahead.
+    p = dataclasses.replace(SMALL, train_fixed_s=3 * HOUR, max_ahead=5, eval_tasks=0)
+    res = sim.simulate(p, "refill")
+    starts = sorted(
+        {(min(r.start_s for r in res.rollouts if r.group == g), g) for g in {r.group for r in res.rollouts}}
+    )
+    taken_at = sorted({r.trained_step for r in res.rollouts if r.trained_step is not None})
+    assert len(starts) <= p.max_ahead + len(taken_at) * p.tasks_per_iter
+    assert res.dropped_rollouts == 0 and max(res.staleness) >= 1  # nothing dropped; stale groups are reported
+    busy_first = sum(1 for r in res.rollouts if r.start_s == 0.0)
+    assert busy_first == min(p.slots, p.max_ahead * p.n)  # the bound held from the start (20 of 32 slots)
