@@ -30,9 +30,12 @@ Import also reads experts stored fused (``mlp.experts.gate_up_proj`` ``[E, 2I, H
 (what transformers' ``save_pretrained`` writes too). The router's runtime counters (``local_tokens_per_expert``)
 are never converted.
 
-Limits: whole-model conversion in one process (TP=1, PP=1, EP=1). For a sharded run, import at TP=1,
-save a ``dist_checkpointing`` checkpoint and load it with any TP/PP/EP (it reshards on load; EP resharding is
-not tested here). MoE: no
+The mapping itself (one per parameter, used by import, export, the sharded push and ``klong-convert``) is
+``megatron/hf_map.py``. Import (:func:`load_hf_weights`) runs at any TP / PP / EP: each rank reads only its
+own tensors; export here (:func:`hf_tensors`, :func:`save_hf_weights`) is whole-model (TP = PP = EP = 1):
+sharded export is ``hf_sharded.hf_tensor_stream``, a 100B-scale model is converted by ``klong-convert``.
+
+Limits: MoE: no
 group-limited routing (GLM ``n_group`` / ``topk_group`` must be 1), top-k weights must be renormalised
 (``norm_topk_prob``), Qwen3-MoE sparse layers must be all but a leading ``mlp_only_layers`` prefix
 (``decoder_sparse_step`` 1), no Megatron shared-expert gate, no grouped-GEMM expert layout. GLM's
@@ -44,19 +47,35 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from klong_megatron.config.model import ModelConfig
+from klong_megatron.megatron.hf_map import (  # noqa: F401  (re-exported: the mapping's public names)
+    RUNTIME_BUFFERS as _RUNTIME_BUFFERS,
+)
+from klong_megatron.megatron.hf_map import (
+    _dims,
+    expert_weight_names,
+    fuse_qkv,
+    group_to_megatron,
+    hf_group,
+    hf_to_megatron,
+    is_weight,
+    layer_to_hf,
+    megatron_to_hf,
+    split_qkv,
+)
 
 _DENSE = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 _MOE = ("Qwen3MoeForCausalLM", "Glm4MoeForCausalLM")
 _SUPPORTED = _DENSE + _MOE
-_RUNTIME_BUFFERS = ("local_tokens_per_expert", "global_tokens_per_expert", "ga_steps")
-"""Router counters Megatron keeps as buffers: state of a run, not weights; never imported or exported."""
+__all__ = ["expert_weight_names", "fuse_qkv", "hf_to_megatron", "layer_to_hf", "megatron_to_hf", "split_qkv"]
 
 
 def model_config_from_hf(hf_dir: str | Path, seq_length: int | None = None) -> ModelConfig:
@@ -148,185 +167,24 @@ def _moe_fields_from_hf(c: dict[str, Any], arch: str, hf_dir: str | Path) -> dic
     return out
 
 
-def _read_hf(hf_dir: Path) -> dict[str, torch.Tensor]:
-    files = sorted(hf_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {hf_dir}")
-    out: dict[str, torch.Tensor] = {}
-    for f in files:
-        out.update(load_file(str(f)))
-    return out
+class SafetensorsDir(Mapping[str, torch.Tensor]):
+    """The tensors of an HF folder's ``*.safetensors`` files, each read from disk when it is looked up
+    (safetensors' lazy ``safe_open``): a process holds only the tensors it asked for."""
 
+    def __init__(self, hf_dir: str | Path) -> None:
+        files = sorted(Path(hf_dir).glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors files in {hf_dir}")
+        self._where = {k: h for h in (safe_open(str(f), framework="pt") for f in files) for k in h.keys()}  # noqa: SIM118
 
-def _dims(cfg: ModelConfig) -> tuple[int, int, int]:
-    d = cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads
-    groups = cfg.num_query_groups or cfg.num_attention_heads
-    return d, groups, cfg.num_attention_heads // groups
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name)
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
 
-def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    """HF q/k/v ``[heads*d, ...]`` -> Megatron ``linear_qkv`` ``[groups*(per_group+2)*d, ...]``."""
-    d, groups, per = _dims(cfg)
-    rest = q.shape[1:]
-    q = q.reshape(groups, per * d, *rest)
-    k, v = k.reshape(groups, d, *rest), v.reshape(groups, d, *rest)
-    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
-
-
-def split_qkv(qkv: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`fuse_qkv`."""
-    d, groups, per = _dims(cfg)
-    rest = qkv.shape[1:]
-    g = qkv.reshape(groups, (per + 2) * d, *rest)
-    q, k, v = g[:, : per * d], g[:, per * d : (per + 1) * d], g[:, (per + 1) * d :]
-    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
-
-
-def _layer_map(names: set[str], i: int) -> dict[str, str]:
-    """Megatron layer-i norm names -> HF names, for whichever spec the model was built with."""
-    m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-    te = f"{m}self_attention.linear_qkv.layer_norm_weight" in names
-    moe = f"{m}mlp.router.weight" in names  # an MoE layer keeps a separate pre-MLP norm under TE too
-    return {
-        (f"{m}self_attention.linear_qkv.layer_norm_weight" if te else f"{m}input_layernorm.weight"): (
-            f"{h}input_layernorm.weight"
-        ),
-        (f"{m}mlp.linear_fc1.layer_norm_weight" if te and not moe else f"{m}pre_mlp_layernorm.weight"): (
-            f"{h}post_attention_layernorm.weight"
-        ),
-        f"{m}self_attention.linear_proj.weight": f"{h}self_attn.o_proj.weight",
-        f"{m}mlp.linear_fc2.weight": f"{h}mlp.down_proj.weight",
-        f"{m}self_attention.q_layernorm.weight": f"{h}self_attn.q_norm.weight",
-        f"{m}self_attention.k_layernorm.weight": f"{h}self_attn.k_norm.weight",
-    }
-
-
-def hf_to_megatron(hf: dict[str, torch.Tensor], cfg: ModelConfig, names: set[str]) -> dict[str, torch.Tensor]:
-    """Megatron state dict (only keys in ``names``) from an HF state dict."""
-    out: dict[str, torch.Tensor] = {}
-    emb = hf["model.embed_tokens.weight"]
-    padded = torch.zeros(cfg.padded_vocab_size(), emb.shape[1], dtype=emb.dtype)
-    padded[: emb.shape[0]] = emb
-    out["embedding.word_embeddings.weight"] = padded
-    out["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
-    if "output_layer.weight" in names:
-        head = hf.get("lm_head.weight", emb)
-        out["output_layer.weight"] = torch.zeros_like(padded)
-        out["output_layer.weight"][: head.shape[0]] = head
-    for i in range(cfg.num_layers):
-        h, m = f"model.layers.{i}.self_attn.", f"decoder.layers.{i}."
-        for meg, hfk in _layer_map(names, i).items():
-            if meg in names:
-                out[meg] = hf[hfk]
-        out[f"{m}self_attention.linear_qkv.weight"] = fuse_qkv(
-            hf[f"{h}q_proj.weight"], hf[f"{h}k_proj.weight"], hf[f"{h}v_proj.weight"], cfg
-        )
-        if cfg.qkv_bias:
-            out[f"{m}self_attention.linear_qkv.bias"] = fuse_qkv(
-                hf[f"{h}q_proj.bias"], hf[f"{h}k_proj.bias"], hf[f"{h}v_proj.bias"], cfg
-            )
-        mlp = f"model.layers.{i}.mlp."
-        if f"{m}mlp.router.weight" in names:
-            out.update(_moe_to_megatron(hf, cfg, names, i))
-            continue
-        out[f"{m}mlp.linear_fc1.weight"] = torch.cat([hf[f"{mlp}gate_proj.weight"], hf[f"{mlp}up_proj.weight"]])
-    missing = names - out.keys() - {n for n in names if n.endswith("_extra_state")}
-    if missing:
-        raise KeyError(f"HF checkpoint does not provide Megatron parameters: {sorted(missing)[:5]}")
-    return out
-
-
-def expert_weight_names(prefix: str, e: int, names: Any) -> tuple[str, str]:
-    """Megatron names of routed expert ``e``'s fc1 / fc2 weights under ``prefix`` (``decoder.layers.i.mlp.``):
-    TE grouped GEMM (``model.moe_grouped_gemm``: ``experts.linear_fc1.weight{e}``, TE ``GroupedLinear``'s
-    names) when ``names`` holds them, else SequentialMLP (``experts.local_experts.{e}.linear_fc1.weight``)."""
-    grouped = f"{prefix}experts.linear_fc1.weight{e}"
-    if grouped in names:
-        return grouped, f"{prefix}experts.linear_fc2.weight{e}"
-    me = f"{prefix}experts.local_experts.{e}."
-    return f"{me}linear_fc1.weight", f"{me}linear_fc2.weight"
-
-
-def _moe_to_megatron(hf: dict[str, torch.Tensor], cfg: ModelConfig, names: set[str], i: int) -> dict[str, torch.Tensor]:
-    """Megatron tensors of MoE layer ``i`` (router, experts, shared expert) from an HF state dict."""
-    h, m = f"model.layers.{i}.mlp.", f"decoder.layers.{i}.mlp."
-    out = {f"{m}router.weight": hf[f"{h}gate.weight"]}
-    if f"{m}router.expert_bias" in names:
-        out[f"{m}router.expert_bias"] = hf[f"{h}gate.e_score_correction_bias"]
-    elif f"{h}gate.e_score_correction_bias" in hf:
-        raise KeyError(f"HF layer {i} has gate.e_score_correction_bias but the model has no router.expert_bias "
-                       "(set model.moe_router_expert_bias=true)")  # fmt: skip
-    fused = f"{h}experts.gate_up_proj" in hf
-    for e in range(cfg.num_experts):
-        x, (fc1, fc2) = f"{h}experts.{e}.", expert_weight_names(m, e, names)
-        if fused:  # transformers' in-memory layout: [E, 2I, H] with [gate; up] per expert, [E, H, I]
-            out[fc1] = hf[f"{h}experts.gate_up_proj"][e]
-            out[fc2] = hf[f"{h}experts.down_proj"][e]
-        else:
-            out[fc1] = torch.cat([hf[f"{x}gate_proj.weight"], hf[f"{x}up_proj.weight"]])
-            out[fc2] = hf[f"{x}down_proj.weight"]
-    if f"{m}shared_experts.linear_fc1.weight" in names:
-        s = f"{h}shared_experts."
-        out[f"{m}shared_experts.linear_fc1.weight"] = torch.cat([hf[f"{s}gate_proj.weight"], hf[f"{s}up_proj.weight"]])
-        out[f"{m}shared_experts.linear_fc2.weight"] = hf[f"{s}down_proj.weight"]
-    return out
-
-
-def _moe_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig, i: int) -> dict[str, torch.Tensor]:
-    """HF tensors of MoE layer ``i``: inverse of :func:`_moe_to_megatron` (per-expert names)."""
-    h, m = f"model.layers.{i}.mlp.", f"decoder.layers.{i}.mlp."
-    out = {f"{h}gate.weight": sd[f"{m}router.weight"]}
-    if f"{m}router.expert_bias" in sd:
-        out[f"{h}gate.e_score_correction_bias"] = sd[f"{m}router.expert_bias"]
-    elif cfg.moe_router_score == "sigmoid":  # GLM always has the buffer; zeros = no correction
-        out[f"{h}gate.e_score_correction_bias"] = sd[f"{m}router.weight"].new_zeros(
-            cfg.num_experts, dtype=torch.float32
-        )
-    for e in range(cfg.num_experts):
-        x, (fc1, fc2) = f"{h}experts.{e}.", expert_weight_names(m, e, sd)
-        if fc1 not in sd:
-            raise KeyError(f"{fc1}: export needs all experts in one process (EP=1)")
-        out[f"{x}gate_proj.weight"], out[f"{x}up_proj.weight"] = sd[fc1].chunk(2)
-        out[f"{x}down_proj.weight"] = sd[fc2]
-    if f"{m}shared_experts.linear_fc1.weight" in sd:
-        if f"{m}shared_experts.gate_weight" in sd:
-            raise ValueError(f"{m}shared_experts.gate_weight: a gated shared expert has no HF counterpart")
-        s = f"{h}shared_experts."
-        out[f"{s}gate_proj.weight"], out[f"{s}up_proj.weight"] = sd[f"{m}shared_experts.linear_fc1.weight"].chunk(2)
-        out[f"{s}down_proj.weight"] = sd[f"{m}shared_experts.linear_fc2.weight"]
-    return out
-
-
-def megatron_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """HF state dict from a full (TP=1, PP=1) Megatron state dict; vocabulary padding is cut."""
-    v = cfg.vocab_size
-    out = {"model.embed_tokens.weight": sd["embedding.word_embeddings.weight"][:v],
-           "model.norm.weight": sd["decoder.final_layernorm.weight"]}  # fmt: skip
-    if cfg.untie_embeddings:
-        out["lm_head.weight"] = sd["output_layer.weight"][:v]
-    for i in range(cfg.num_layers):
-        out.update(layer_to_hf(sd, cfg, i))
-    return {k: t.contiguous() for k, t in out.items()}
-
-
-def layer_to_hf(sd: dict[str, torch.Tensor], cfg: ModelConfig, i: int) -> dict[str, torch.Tensor]:
-    """HF tensors of decoder layer ``i`` from the full (unsharded) Megatron tensors ``decoder.layers.{i}.*``."""
-    out: dict[str, torch.Tensor] = {}
-    h, m = f"model.layers.{i}.self_attn.", f"decoder.layers.{i}."
-    for meg, hfk in _layer_map(set(sd), i).items():
-        if meg in sd:
-            out[hfk] = sd[meg]
-    q, k, vv = split_qkv(sd[f"{m}self_attention.linear_qkv.weight"], cfg)
-    out.update({f"{h}q_proj.weight": q, f"{h}k_proj.weight": k, f"{h}v_proj.weight": vv})
-    if cfg.qkv_bias:
-        q, k, vv = split_qkv(sd[f"{m}self_attention.linear_qkv.bias"], cfg)
-        out.update({f"{h}q_proj.bias": q, f"{h}k_proj.bias": k, f"{h}v_proj.bias": vv})
-    if f"{m}mlp.router.weight" in sd:
-        return out | _moe_to_hf(sd, cfg, i)
-    gate, up = sd[f"{m}mlp.linear_fc1.weight"].chunk(2)
-    out[f"model.layers.{i}.mlp.gate_proj.weight"] = gate
-    out[f"model.layers.{i}.mlp.up_proj.weight"] = up
-    return out
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -351,22 +209,28 @@ def _check_unsharded(model: torch.nn.Module) -> None:
 
 def _own_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """``model``'s weights and persistent buffers, without TE extra state and router runtime counters."""
-    return {k: v for k, v in model.state_dict().items()
-            if not k.endswith("_extra_state") and k.rsplit(".", 1)[-1] not in _RUNTIME_BUFFERS}  # fmt: skip
+    return {k: v for k, v in model.state_dict().items() if is_weight(k)}
 
 
 def load_hf_weights(model: torch.nn.Module, hf_dir: str | Path, cfg: ModelConfig) -> None:
-    """Copy the HF checkpoint in ``hf_dir`` into ``model`` (a GPTModel built from ``cfg``), exactly."""
-    _check_unsharded(model)
-    model = _unwrap(model)
-    own = _own_state(model)
-    new = hf_to_megatron(_read_hf(Path(hf_dir)), cfg, set(own))
+    """Copy the HF checkpoint in ``hf_dir`` into ``model`` (this rank's GPTModel built from ``cfg``), exactly.
+
+    Any TP / PP / EP layout, no communication: each rank reads only the HF tensors of the parameters it holds
+    (its pipeline stage's layers, its experts; lazily, one group at a time), builds each full Megatron tensor
+    and keeps its tensor-parallel slice. Peak extra memory: the largest group (the embedding, or q/k/v)."""
+    from klong_megatron.megatron.hf_sharded import global_params, local_shard
+
+    hf = SafetensorsDir(hf_dir)
+    params = global_params(_unwrap(model))
+    keys = set(hf)
     with torch.no_grad():
-        for name, tensor in new.items():
-            if own[name].shape != tensor.shape:
-                raise ValueError(f"{hf_dir}: {name} has shape {tuple(tensor.shape)}, model expects "
-                                 f"{tuple(own[name].shape)} (check model config vs config.json)")  # fmt: skip
-            own[name].copy_(tensor)
+        for name, (local, full_shape) in params.items():
+            g = hf_group(name, cfg, params, keys)
+            full = group_to_megatron(g, hf, cfg, rows=full_shape[0] if g.kind == "vocab" else None)
+            if tuple(full.shape) != full_shape:
+                raise ValueError(f"{hf_dir}: {name} has shape {tuple(full.shape)}, model expects {full_shape} "
+                                 "(check model config vs config.json)")  # fmt: skip
+            local.copy_(local_shard(name, full, local))
 
 
 def hf_config(cfg: ModelConfig, tokenizer: Any | None = None) -> dict[str, Any]:

@@ -28,7 +28,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from klong_megatron.config.model import ModelConfig
-from klong_megatron.megatron.hf import _RUNTIME_BUFFERS, _unwrap, layer_to_hf, megatron_to_hf
+from klong_megatron.megatron.hf import _unwrap
+from klong_megatron.megatron.hf_map import is_weight, layer_to_hf, megatron_to_hf
 
 _EXPERT = ".experts.local_experts."
 
@@ -41,23 +42,67 @@ def _gather(t: torch.Tensor, dim: int, group: dist.ProcessGroup, size: int) -> t
     return torch.cat(parts, dim=dim)
 
 
+def _tp_layout(name: str, p: torch.Tensor) -> tuple[dist.ProcessGroup, int, int, int, int] | None:
+    """(TP group, size, rank, split dim, stride) of a TP-split parameter (expert ones: the expert-TP group),
+    None when it is replicated. Stride 2: SwiGLU fc1, each rank holds ``[gate_r; up_r]``."""
+    if not getattr(p, "tensor_model_parallel", False):
+        return None
+    if ".experts." in name:
+        group, rank = ps.get_expert_tensor_parallel_group(), ps.get_expert_tensor_parallel_rank()
+    else:
+        group, rank = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_rank()
+    size = dist.get_world_size(group)
+    return group, size, rank, int(getattr(p, "partition_dim", 0)), int(getattr(p, "partition_stride", 1))
+
+
 def _full(name: str, p: torch.Tensor) -> torch.Tensor:
     """The unsharded Megatron tensor of one (possibly TP-split) parameter; collective over its TP group."""
-    if not getattr(p, "tensor_model_parallel", False):
+    layout = _tp_layout(name, p)
+    if layout is None:
         return p.detach()
-    expert = _EXPERT in name
-    group = ps.get_expert_tensor_parallel_group() if expert else ps.get_tensor_model_parallel_group()
-    size = dist.get_world_size(group)
-    dim = int(getattr(p, "partition_dim", 0))
-    stride = int(getattr(p, "partition_stride", 1))  # SwiGLU fc1: each rank holds [gate_r; up_r] (stride 2)
+    group, size, _, dim, stride = layout
     return torch.cat([_gather(part, dim, group, size) for part in p.detach().chunk(stride, dim=dim)], dim=dim)
+
+
+def local_shard(name: str, full: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """This rank's TP slice of ``full`` for parameter ``local`` (global ``name``): inverse of :func:`_full`."""
+    layout = _tp_layout(name, local)
+    if layout is None:
+        return full
+    _, size, rank, dim, stride = layout
+    return torch.cat([part.chunk(size, dim=dim)[rank] for part in full.chunk(stride, dim=dim)], dim=dim)
+
+
+def global_params(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, tuple[int, ...]]]:
+    """This rank's weights (parameters and persistent buffers, see ``hf_map.is_weight``) under their global
+    names (pipeline layer offset, expert offset of this EP rank), each with its full (TP-unsplit) shape."""
+    ep, ep_rank = ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
+    state = {k: v for k, v in model.state_dict(keep_vars=True).items() if is_weight(k)}
+    n_local = len({int(k.split(_EXPERT, 1)[1].split(".", 1)[0]) for k in state if _EXPERT in k})
+    layers = {f"decoder.layers.{i}.": f"decoder.layers.{layer.layer_number - 1}." for i, layer in
+              enumerate(model.decoder.layers)} if hasattr(model, "decoder") else {}  # fmt: skip
+    out: dict[str, tuple[torch.Tensor, tuple[int, ...]]] = {}
+    for k, v in state.items():
+        name = k
+        if k.startswith("decoder.layers."):
+            local_prefix = ".".join(k.split(".", 3)[:3]) + "."
+            name = layers[local_prefix] + k[len(local_prefix) :]
+        if _EXPERT in name and ep > 1:
+            head, rest = name.split(_EXPERT, 1)
+            e, tail = rest.split(".", 1)
+            name = f"{head}{_EXPERT}{ep_rank * n_local + int(e)}.{tail}"
+        layout = _tp_layout(name, v)
+        shape = list(v.shape)
+        if layout is not None:
+            shape[layout[3]] *= layout[1]
+        out[name] = (v, tuple(shape))
+    return out
 
 
 def _unit_tensors(module: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     """Full Megatron tensors of one module (``prefix`` + its state-dict names), experts under global ids."""
     ep, ep_rank = ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
-    state = {k: v for k, v in module.state_dict(keep_vars=True).items()
-             if not k.endswith("_extra_state") and k.rsplit(".", 1)[-1] not in _RUNTIME_BUFFERS}  # fmt: skip
+    state = {k: v for k, v in module.state_dict(keep_vars=True).items() if is_weight(k)}
     local_experts = {int(k.split(_EXPERT, 1)[1].split(".", 1)[0]) for k in state if _EXPERT in k}
     out: dict[str, torch.Tensor] = {}
     for k, v in state.items():
@@ -127,8 +172,7 @@ def hf_tensor_stream(model: torch.nn.Module, cfg: ModelConfig) -> Iterator[tuple
     and device (on rank 0: received into the model's device)."""
     model = _unwrap(model)
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        sd = {k: v.detach() for k, v in model.state_dict().items()
-              if not k.endswith("_extra_state") and k.rsplit(".", 1)[-1] not in _RUNTIME_BUFFERS}  # fmt: skip
+        sd = {k: v.detach() for k, v in model.state_dict().items() if is_weight(k)}
         yield from megatron_to_hf(sd, cfg).items()
         return
     mine = _units(model)
