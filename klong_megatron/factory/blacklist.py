@@ -32,23 +32,27 @@ details (say what to assume), allowed substitutes for unavailable datasets or mo
 of scope. Do not reveal the paper's code. Answer with one JSON object only: {"addendum": "Markdown text"}"""
 
 
-def repo_urls(markdown: str, hosts: list[str]) -> list[tuple[str, int]]:
-    """(normalized ``https://host/owner/repo`` URL, offset of its first mention), in order of appearance."""
+def repo_urls(markdown: str, hosts: list[str]) -> list[tuple[str, int, int]]:
+    """(normalized ``https://host/owner/repo`` URL, offset of its first mention, end of the repository URL
+    mentioned just before it or 0), in order of appearance."""
     host = "|".join(re.escape(h) for h in hosts)
     pattern = re.compile(r"(?:https?://)?(?:www\.)?(" + host + r")/\s?([A-Za-z0-9_.-]+)/\s?([A-Za-z0-9_.-]+)", re.I)
-    seen: dict[str, int] = {}
+    seen: dict[str, tuple[int, int]] = {}
+    prev_end = 0
     for m in pattern.finditer(markdown):
         repo = re.sub(r"(\.git)?[.,;:]*$", "", m.group(3))
         if repo:
-            seen.setdefault(f"https://{m.group(1).lower()}/{m.group(2)}/{repo}", m.start())
-    return list(seen.items())
+            seen.setdefault(f"https://{m.group(1).lower()}/{m.group(2)}/{repo}", (m.start(), prev_end))
+        prev_end = m.end()
+    return [(url, start, prev) for url, (start, prev) in seen.items()]
 
 
 def official_urls(markdown: str, hosts: list[str]) -> tuple[list[str], list[dict[str, str]]]:
-    """(the paper's own repositories, the other candidates with the reason they were not taken)."""
+    """(the paper's own repositories, the other candidates with the reason they were not taken). The phrase
+    must stand in the 300 characters before the URL's first mention, after any earlier repository URL."""
     own, others = [], []
-    for url, pos in repo_urls(markdown, hosts):
-        before = markdown[max(0, pos - 300) : pos]
+    for url, pos, prev_end in repo_urls(markdown, hosts):
+        before = markdown[max(prev_end, pos - 300) : pos]
         if OWN_CODE.search(before):
             own.append(url)
         else:

@@ -124,3 +124,36 @@ def test_factory_config_composes_and_bad_values_name_the_field() -> None:
         OmegaConf.to_object(compose(config_name="factory", overrides=["stages=[collect,publish]"]))
     with pytest.raises(ValueError, match=r"rubric.leaves must be \[min, max\]"):
         RubricGenConfig(leaves=[3, 1])
+
+
+def test_search_api_urls_join_the_blacklist() -> None:
+    import asyncio
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from klong_megatron.config.factory import BlacklistConfig
+    from klong_megatron.factory.blacklist import blacklist_paper
+
+    class Search(BaseHTTPRequestHandler):  # a search API: GET ?q=<title> -> {"urls": [...]}
+        def do_GET(self) -> None:
+            payload = json.dumps({"urls": ["https://gitlab.com/acme/widgets-mirror", self.path]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = HTTPServer(("127.0.0.1", 0), Search)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        cfg = BlacklistConfig(search_url=f"http://127.0.0.1:{srv.server_address[1]}/search")
+        md = "Our code is available at https://github.com/acme/widgets. We use github.com/other/lib."
+        found = asyncio.run(blacklist_paper(md, "Sparse Widgets", cfg, None))
+    finally:
+        srv.shutdown()
+    assert found["urls"] == ["https://github.com/acme/widgets", "https://gitlab.com/acme/widgets-mirror",
+                             "/search?q=Sparse+Widgets"]  # fmt: skip
+    assert [c["url"] for c in found["candidates"]] == ["https://github.com/other/lib"]
