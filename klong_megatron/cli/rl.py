@@ -35,14 +35,18 @@ EXIT_UNHEALTHY = 3
 
 def describe(cfg: RLConfig, world_size: int = 1) -> str:
     """One paragraph: model, layout, stages and rollout volume (the dry-run output); checks the layout."""
-    dp = cfg.trainer.parallel.data_parallel_size(world_size)
+    p, r = cfg.trainer.parallel, cfg.rollout
+    dp = p.data_parallel_size(world_size)
+    ep = f" (EP {p.ep})" if p.ep > 1 else ""
     stages = ", ".join(
         f"{s.timeout_s:g}s x {s.iterations} it x {s.tasks_per_iteration} tasks x {s.rollouts_per_task}"
         for s in cfg.stages
     )
     warm = f"SFT warm-up {cfg.rl.sft_warmup.train_steps} steps; " if cfg.rl.sft_warmup is not None else ""
     return (
-        f"model {cfg.model.num_parameters() / 1e6:.1f}M params, world {world_size} = DP {dp}; "
+        f"model {cfg.model.num_parameters() / 1e6:.1f}M params, world {world_size} = TP {p.tp} x PP {p.pp} x "
+        f"CP {p.cp} x DP {dp}{ep}; weight sync {cfg.rl.weight_sync} to {len(r.servers) or 'dev'} server(s) "
+        f"(TP {r.server_tp} x PP {r.server_pp} x DP {r.server_dp} each); "
         f"{warm}{len(cfg.stages)} stages ({stages}); "
         f"engine {cfg.rollout.engine}, sandbox {cfg.sandbox.backend}, advantages {cfg.algo.advantage_mode}, "
         f"tasks {cfg.tasks.source}"
