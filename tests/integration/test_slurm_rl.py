@@ -132,6 +132,7 @@ def test_dry_run_prints_the_node_split_and_server_urls_and_validates_the_config(
     assert "judge servers: http://n5:31000" in out
     assert "rollout.servers=[http://n3:30000,http://n3:30001,http://n4:30000,http://n4:30001]" in out
     assert "judge.endpoints=[http://n5:31000]" in out and "init_from_hf=/models/policy" in out
+    assert "rollout.server_tp=4" in out and "(TP 4 x PP 1 x DP 1 each)" in out
     assert "sglang.launch_server --model-path /models/policy --tp 4 --host 0.0.0.0 --port 30000" in out
     assert "--port 31000 --reasoning-parser gpt-oss" in out  # the judge's reasoning never reaches its score parser
     assert "dry run OK" in out and "engine sglang" in out and "config validated" in out
