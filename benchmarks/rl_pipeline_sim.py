@@ -97,6 +97,12 @@ class SimParams:
     max_ahead: int = 0
     """Refill mode: groups started but not yet taken by the trainer; 0: ceil(slots / n) + 2 x tasks_per_iter
     (rl/batches.py's default)."""
+    non_gen_share: float = 0.0
+    """Share of a rollout's wall time spent outside generation (tool calls, the agent loop): a rollout needing
+    ``w`` s of generation holds its slot ``w / (1 - share)`` s (the stage timeout still cuts it)."""
+    judge_in_slot: bool = True
+    """Refill mode: a rollout holds its slot while judged (the service today); False: the slot is refilled
+    when generation ends and judging runs beside it."""
     seed: int = 0
     """Seed of every random draw."""
 
@@ -111,6 +117,8 @@ class SimParams:
         for name in (*non_negative, "sync_s", "max_staleness", "eval_every", "eval_tasks", "max_ahead"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SimParams.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.non_gen_share < 1:
+            raise ValueError(f"SimParams.non_gen_share must be in [0, 1), got {self.non_gen_share}")
         if not 0 <= self.timeout_frac <= 1:
             raise ValueError(f"SimParams.timeout_frac must be in [0, 1], got {self.timeout_frac}")
 
@@ -318,7 +326,7 @@ class _Pipeline:
 
     def schedule_end(self, r: RolloutRecord) -> None:
         self.running[r.id] += 1
-        end = _finish_time(r.start_s, r.work_s, self.p.timeout_s, self.pauses)
+        end = _finish_time(r.start_s, r.work_s / (1 - self.p.non_gen_share), self.p.timeout_s, self.pauses)
         self.at(end, self.rollout_end, r.id, self.running[r.id])
 
     def rollout_end(self, rid: int, token: int) -> None:
@@ -335,7 +343,7 @@ class _Pipeline:
                     self.submit(False, h)
                 self.held = []
         else:
-            self.judging_in_slot += self.mode == "refill"
+            self.judging_in_slot += self.mode == "refill" and self.p.judge_in_slot
             self.submit(False, rid)
         self.fill_slots()
 
@@ -362,7 +370,7 @@ class _Pipeline:
     def judge_end(self, is_eval: bool, ref: int) -> None:
         self.judge_busy -= 1
         if not is_eval:
-            self.judging_in_slot -= self.mode == "refill"
+            self.judging_in_slot -= self.mode == "refill" and self.p.judge_in_slot
             r = self.rollouts[ref]
             r.judged += 1
             g = self.groups[r.group]
@@ -371,6 +379,8 @@ class _Pipeline:
                 g.state, g.ready_s = "ready", self.now
                 self.try_train()
         self.dispatch()
+        if self.mode == "refill" and self.p.judge_in_slot and not is_eval:
+            self.fill_slots()  # the judged rollout's slot is free
 
     # ------------------------------------------------------------------ trainer
 
