@@ -161,10 +161,15 @@ class DistributedWeightSync:
             raise WeightSyncError(f"weight sync group {self.group_name!r} is broken by an earlier failure "
                                   f"({self._broken}); close() it and create a new DistributedWeightSync")  # fmt: skip
         stream = iter(tensors.items()) if isinstance(tensors, dict) else iter(tensors)
-        if self._pg is None:
-            self._tp_sizes = await self._layout()
-            self.world_size = 1 + sum(self._tp_sizes)
-        before = await self._checksums() if self.verify != "off" else []
+        try:
+            if self._pg is None:
+                self._tp_sizes = await self._layout()
+                self.world_size = 1 + sum(self._tp_sizes)
+            before = await self._checksums() if self.verify != "off" else []
+        except BaseException:
+            for _ in stream:  # a sharded stream: the other trainer ranks are in its collectives, let them finish
+                pass
+            raise
         sent: dict[str, str] = {}
         stats = {"tensors": 0.0, "bytes": 0.0, "buckets": 0.0, "max_bucket_bytes": 0.0}
         stage = "pause_generation"

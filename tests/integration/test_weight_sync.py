@@ -22,7 +22,7 @@ import torch
 from klong_megatron.config.model import ModelConfig
 from klong_megatron.config.trainer import ParallelConfig
 from klong_megatron.data.render import load_tokenizer
-from klong_megatron.megatron.hf import export_hf
+from klong_megatron.megatron.hf import export_hf, hf_tensors
 from klong_megatron.megatron.model import build_gpt
 from klong_megatron.megatron.parallel import destroy_distributed, init_distributed
 from klong_megatron.rl.servers import DevServerProcess
@@ -274,3 +274,32 @@ def test_servers_with_pipeline_or_data_parallelism_are_refused_by_name(setup):
         asyncio.run(go())
     finally:
         dev.close()
+
+
+def test_a_push_failing_before_the_first_bucket_still_drains_the_stream(setup):
+    """With a sharded policy the other trainer ranks are inside the stream's collectives
+    (``contribute_shards``): a push that fails early (a server down at the first push) must still
+    consume the whole stream, or those ranks would wait forever."""
+    _, cfg, model, _ = setup
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    names = list(hf_tensors(model, cfg))
+    produced: list[str] = []
+
+    def stream():
+        for name, t in hf_tensors(model, cfg).items():
+            produced.append(name)
+            yield name, t
+
+    async def go() -> None:
+        engine = SGLangEngine([dead], control_timeout_s=5)
+        sync = DistributedWeightSync(engine, master_address="127.0.0.1", master_port=free_port(), backend="gloo")
+        try:
+            with pytest.raises(WeightSyncError, match="is the server up"):
+                await sync.push(stream(), "never")
+        finally:
+            await engine.close()
+
+    asyncio.run(go())
+    assert produced == names
