@@ -175,10 +175,12 @@ class Policy:
         if not self.sharded:
             return export_hf(self.model, self.cfg.model, out_dir, tokenizer)
         tensors = {k: v.cpu() for k, v in hf_tensor_stream(self.model, self.cfg.model)}
-        if dist.get_rank() == 0:
-            write_hf_dir(tensors, self.cfg.model, out_dir, tokenizer)
-        del tensors
-        dist.barrier()
+        try:
+            if dist.get_rank() == 0:
+                write_hf_dir(tensors, self.cfg.model, out_dir, tokenizer)
+        finally:  # a failed write (disk full) raises on rank 0 after the others are released
+            del tensors
+            dist.barrier()
         return Path(out_dir)
 
     def contribute_shards(self) -> None:
