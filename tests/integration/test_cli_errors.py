@@ -36,6 +36,8 @@ CASES = [
     ("devserver", ["--model", "{tmp}/no_model"], "no_model"),
     ("view", ["{tmp}/missing.jsonl", "-o", "{out}"], "missing.jsonl"),
     ("view", ["{bad_json}", "-o", "{out}"], "bad.grade.json:2"),
+    ("convert", ["hf-to-dist", "{tmp}/no_hf_model", "{out}"], "no_hf_model"),
+    ("convert", ["dist-to-hf", "{tmp}", "{out}"], "no dist checkpoint"),
 ]
 
 
