@@ -42,10 +42,10 @@ def make_pdf(path: Path, title: str, marker: str = "", repeats: int = 6) -> Path
     return path
 
 
-def make_latex_archive(path: Path, title: str, marker: str = "") -> Path:
+def make_latex_archive(path: Path, title: str, marker: str = "", repeats: int = 6) -> Path:
     """An arXiv-style source archive: main.tex (\\documentclass, sections, an equation, a tabular) + a section
     file pulled in with \\input."""
-    secs = body(title, marker)
+    secs = body(title, marker, repeats)
     main = [r"\documentclass{article}", rf"\title{{{title}}}", r"\begin{document}", r"\maketitle"]
     main += [rf"\section{{{h.split(' ', 1)[-1]}}}" + "\n" + t for h, t in secs[:3]]
     main += [r"\begin{equation} L(w) = \sum_i (y_i - f_w(x_i))^2 + \lambda \|w\|_1 \end{equation}",
