@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ class IterationBatches:
     def __init__(self, cfg: RLConfig, out: Path, rollouts: RLRollouts, train_tasks: list[RLTask], logger: Any) -> None:
         self.cfg, self.out, self.rollouts, self.train_tasks = cfg, out, rollouts, train_tasks
         self._pending: asyncio.Task | None = None
+        self.metrics: dict[str, float] = {}
 
     async def start(self) -> None:
         return None
@@ -112,6 +114,8 @@ class RefillBatches:
         self.dir = out / "refill"
         self.service: Any = None
         self._next_taken: int | None = None
+        self.metrics: dict[str, float] = {}
+        """of the last take: seconds waited for complete groups, log entries skipped, complete groups left"""
 
     async def start(self) -> None:
         from klong_megatron.rollout.service_http import ServiceClient
@@ -127,7 +131,7 @@ class RefillBatches:
         """The first c complete groups after ``state.groups_taken`` (waits for them)."""
         c = groups_per_update(self.cfg, s, len(self.train_tasks))
         accept = (lambda e: e == s) if self.cfg.rl.refill.stage_switch == "cancel" else (lambda e: e <= s)
-        polls = 0
+        polls, t0 = 0, time.perf_counter()
         while True:
             if polls % 30 == 0:  # again now and then: a restarted service learns where the trainer is
                 await self.service.control(stage=s, taken=state.groups_taken)
@@ -143,6 +147,9 @@ class RefillBatches:
             polls += 1
             await asyncio.sleep(self.cfg.rl.refill.poll_s)
         self._next_taken = state.groups_taken + used
+        left = read_group_log(self.dir / "groups.jsonl", self._next_taken)
+        self.metrics = {"refill/wait_s": time.perf_counter() - t0, "refill/skipped": float(used - len(chosen)),
+                        "refill/buffered": float(sum(e["status"] == "complete" for e in left))}  # fmt: skip
         path = self.dir / "rollouts.jsonl"
         records = await asyncio.to_thread(read_at, path, [o for e in chosen for o in e["offsets"]])
         return [parse_trajectory(r, f"{path}:{r.get('id')}") for r in records]

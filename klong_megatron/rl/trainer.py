@@ -150,6 +150,7 @@ class RLTrainer:
             await self.batches.released(st)
             await self.services.push(st.version)
             metrics |= rollout_metrics(trajs) | {"iteration_s": time.perf_counter() - t0, "stage": s}
+            metrics |= self.batches.metrics  # refill: wait for complete groups, skipped / buffered groups
             metrics["tokens_per_s"] = metrics.get("tokens", 0.0) / metrics["iteration_s"]
             metrics |= {k: v for k, v in self.services.judge.queue.metrics().items() if "latency" in k or "wait" in k}
             await self._check_health(s, i, metrics)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from test_rl_trainer import TINY
-from test_slurm_rl import tiny_hf_policy
+from test_slurm_rl import SMALL_RL, _env, _read, _submit_and_wait, tiny_hf_policy
 
 from klong_megatron.rl.servers import DevServerProcess
 from klong_megatron.rl.weight_sync import free_port
@@ -132,3 +132,49 @@ def test_sbatch_dry_run_plans_the_rollout_service_step(tmp_path: Path) -> None:
     assert "klong_megatron.cli.rollout_service" in line and f"output_dir={tmp_path / 'run'}" in line
     assert "rl.refill.port=32100" in line and "service_url" not in line  # the service is not its own client
     assert "config validated" in out
+
+
+def test_in_process_refill_resumes_after_sigkill_and_trains_whole_groups(tmp_path: Path) -> None:
+    out, log = tmp_path / "run", tmp_path / "trainer.log"
+    stage = f"stages=[{{timeout_s:15,iterations:{ITERATIONS},rollouts_per_task:2,tasks_per_iteration:2}}]"
+    args = [*TINY, stage, "rl.eval_initial=false", "rl.refill.enabled=true", "rl.refill.poll_s=0.2",
+            f"output_dir={out}", f"hydra.run.dir={tmp_path}/hydra"]  # fmt: skip
+    trainer = _start("klong_megatron.cli.rl", args, log)
+    try:
+        _wait(lambda: _state(out).get("iteration", 0) >= 1, "the first update", [trainer], [log])
+        os.killpg(trainer.pid, signal.SIGKILL)
+        trainer.wait()
+        trainer = _start("klong_megatron.cli.rl", args, log)
+        assert trainer.wait(timeout=300) == 0, log.read_text()[-4000:]
+    finally:
+        if trainer.poll() is None:
+            os.killpg(trainer.pid, signal.SIGKILL)
+    state = _state(out)
+    assert (state["stage"], state["version"]) == (1, ITERATIONS), state
+    entries = _lines(out / "refill" / "groups.jsonl")
+    assert len({e["group"] for e in entries}) == len(entries) >= state["groups_taken"] >= 2 * ITERATIONS
+    records = _lines(out / "refill" / "rollouts.jsonl")
+    assert len({r["id"] for r in records}) == len(records)
+    taken = entries[: state["groups_taken"]]
+    assert all(len(e["ids"]) + len(e["failed"]) == 2 for e in taken)  # groups stay whole
+    versions = {step["weight_version"] for r in records for step in r["meta"]["steps"]}
+    assert len(versions) >= 2, versions  # rollouts kept running across weight updates
+
+
+@pytest.mark.slurm
+def test_sbatch_runs_the_rollout_service_as_its_own_step(tmp_path: Path) -> None:
+    hf = tiny_hf_policy(tmp_path / "tiny_hf")
+    port, service_port = free_port(), free_port()
+    env = _env(tmp_path, SERVER="dev", GPUS_PER_NODE="1", GPUS_PER_SERVER="1", INIT_FROM_HF=str(hf),
+               ROLLOUT_PORT=str(port), HEALTH_POLL_S="1", HEALTH_TIMEOUT_S="180", SERVER_ARGS="--threads 1",
+               ROLLOUT_SERVICE="1", SERVICE_PORT=str(service_port))  # fmt: skip
+    state, log = _submit_and_wait(tmp_path, env, [*SMALL_RL, "rl.refill.poll_s=0.2"], timeout_s=420)
+    run = tmp_path / "run"
+    service_log = "".join(_read(f) for f in (run / "logs").glob(f"server-*-{service_port}.log"))
+    context = f"\n--- job log ---\n{log[-6000:]}\n--- service log ---\n{service_log[-3000:]}"
+    assert state == "COMPLETED", f"JobState={state}{context}"
+    assert "rollout service: http://" in log and f":{service_port} healthy" in log, context
+    assert "klong-rollout-service listening on" in service_log, context
+    assert _state(run)["groups_taken"] >= 2, context  # the one update took its groups from the service's log
+    assert _lines(run / "refill" / "groups.jsonl") and not list(run.glob("rollouts/stage0_iter*.jsonl"))
+    assert "stopping 2 server(s)" in log and "still running after" not in log, context
