@@ -172,3 +172,39 @@ def test_lower_stage_and_taken_are_ignored(tmp_path: Path) -> None:
     status = asyncio.run(main())
     assert (status["stage"], status["taken"]) == (2, 5)
     assert json.loads((tmp_path / "service.json").read_text())["stage"] == 2
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [({"stage_switch": "later"}, "rl.refill.stage_switch"), ({"max_ahead": -1}, "rl.refill.max_ahead")],
+)
+def test_refill_config_errors_name_the_field(kw: dict, field: str) -> None:
+    from klong_megatron.config.rl import RefillConfig
+
+    with pytest.raises(ValueError, match=field):
+        RefillConfig(**kw)
+
+
+def test_service_http_control_validates_and_applies(tmp_path: Path) -> None:
+    import httpx
+
+    from klong_megatron.rollout.service_http import ServiceClient, serve
+
+    async def main() -> None:
+        svc = _service(tmp_path, _DoubleRollouts(), max_ahead=1)
+        await svc.start()
+        server = serve(svc, asyncio.get_running_loop(), "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        try:
+            client = ServiceClient(url)
+            assert (await client.control(stage=1, taken=1))["stage"] == 1
+            assert (await client.status())["taken"] == 1
+            async with httpx.AsyncClient() as raw:
+                bad = await raw.post(f"{url}/control", json={"stage": "two"})
+                assert bad.status_code == 400 and "'stage'" in bad.json()["error"]
+            await client.close()
+        finally:
+            server.shutdown()
+            await svc.close()
+
+    asyncio.run(main())
