@@ -201,3 +201,18 @@ def test_distil_in_docker_sandboxes_keeps_one_of_two_identical_honest_attempts(t
     graded = lines(tmp_path / "distil" / "attempts" / "results.jsonl")
     assert all(r["meta"]["reproduce"]["exit_code"] == 0 and r["meta"]["reward"] == 1.0 for r in graded)
     assert sheet["attempts"]["kept"] == 1 and sheet["decisions"]["near_duplicate"] == 1
+
+
+def test_distil_judge_down_and_sandbox_that_cannot_start_are_recorded_not_fatal(tmp_path: Path) -> None:
+    task = make_task(tmp_path / "tasks", "delta", "Delta Widget")
+    with OpenAIAgentDouble() as teacher, OpenAIJudgeDouble(lambda body: Reply("judge down", status=503)) as jsrv:
+        cfg = config(teacher.url, jsrv.url, samples=1)
+        cfg.judge.retry_timeout_s = 0.2  # then the leaf is invalid: the attempt cannot be kept
+        sheet = run_distil(cfg, [task], tmp_path / "judge_down")
+        assert sheet["decisions"]["judge_invalid"] == 1 and sheet["attempts"]["kept"] == 0
+        assert not (tmp_path / "judge_down" / "sft.jsonl").read_text()
+
+        broken = SandboxConfig(backend="bwrap", memory_mb=1024, ro_binds=[str(tmp_path / "missing") + ":/x"])
+        sheet = run_distil(config(teacher.url, jsrv.url, samples=2, sandbox=broken), [task], tmp_path / "no_sandbox")
+    assert sheet["attempts"] == {"planned": 2, "graded": 0, "failed": 2, "pending": 0, "kept": 0}
+    assert all(len(f["errors"]) == 2 for f in sheet["failures"]) and "missing" in sheet["failures"][0]["errors"][0]
