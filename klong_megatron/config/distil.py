@@ -4,13 +4,12 @@ The teacher is any OpenAI-compatible chat endpoint with tools (``teacher.*``); e
 same agent loop, sandbox, tools, time budget and blacklist as a ``klong-eval`` sample, then the reproduction
 step and the judge. Rejection sampling keeps attempts with ``score >= min_score`` and/or the ``best_k`` best of
 each task, then drops near-duplicates (MinHash Jaccard of the assistant text >= ``dedupe_jaccard``).
+Nested as ``distil`` in ``FactoryConfig`` (config/factory.py), which is what the ConfigStore holds.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from hydra.core.config_store import ConfigStore
 
 from klong_megatron.config.chat import ChatEngineConfig
 from klong_megatron.config.judge import JudgeConfig
@@ -69,7 +68,3 @@ class DistilConfig:
             raise ValueError(f"distil.dedupe_jaccard must be > 0 (> 1 turns dedupe off), got {self.dedupe_jaccard}")
         if not 0.0 <= self.max_invalid_frac <= 1.0:
             raise ValueError(f"distil.max_invalid_frac must be in [0, 1], got {self.max_invalid_frac}")
-
-
-def register(cs: ConfigStore) -> None:
-    cs.store(name="distil_schema", node=DistilConfig)
