@@ -31,7 +31,7 @@ from klong_megatron.factory.filter import filter_paper
 from klong_megatron.factory.llm import FactoryLLM
 from klong_megatron.factory.rubric import write_rubric
 from klong_megatron.factory.stats import compare_table, load_dir, rubric_stats
-from klong_megatron.factory.store import STAGES, PaperDir, Store, write_json, write_text
+from klong_megatron.factory.store import PAPER_STAGES, STAGES, PaperDir, Store, write_json, write_text
 from klong_megatron.factory.tasks import write_task
 from klong_megatron.judge.rubric import load_rubric, rubric_to_dict
 from klong_megatron.logging import MetricsLogger
@@ -178,9 +178,13 @@ class Factory:
         if not task_dirs:
             return {"tasks": 0}
         summary = run_distil(self.cfg.distil, task_dirs, self.out / "distil", progress=self.cfg.progress)
-        flat = {f"attempts_{k}": v for k, v in summary.get("attempts", {}).items()}
+        attempts = summary.get("attempts", {})
+        flat = {f"attempts_{k}": v for k, v in attempts.items()}
         flat |= {f"decided_{k}": v for k, v in summary.get("decisions", {}).items()}
-        return {"tasks": len(task_dirs), "tokens_total": summary.get("cost_tokens", {}).get("total", 0), **flat}
+        tokens = summary.get("cost_tokens", {}).get("total", 0)
+        # counted in attempts (distil.py keeps its own per-attempt records and resume state)
+        counts = {"done": attempts.get("graded", 0), "failed": attempts.get("failed", 0)}
+        return {**counts, "tasks": len(task_dirs), "tokens_total": tokens, **flat}
 
     # ------------------------------------------------------------ report
 
@@ -189,14 +193,17 @@ class Factory:
         papers, failures = {}, []
         for d in sorted(p for p in self.store.papers_dir.iterdir() if p.is_dir()):
             p = PaperDir(d)
-            state = {s: "done" if p.done(s) else "failed" if p.failed(s) else "-" for s in STAGES}
+            state = {s: "done" if p.done(s) else "failed" if p.failed(s) else "-" for s in PAPER_STAGES}
             dup = (p.done("collect") or {}).get("duplicate_of")
             papers[p.paper_id] = {**state, **({"duplicate_of": dup} if dup else {})}
-            failures += [{"paper": p.paper_id, "stage": s, "error": p.failed(s)} for s in STAGES if p.failed(s)]
+            failures += [{"paper": p.paper_id, "stage": s, "error": p.failed(s)} for s in PAPER_STAGES if p.failed(s)]
         lookups = self.out / "collect_failures.json"
         if lookups.is_file():
             failures += [{"paper": f["source"], "stage": "collect", "error": f["error"]}
                          for f in json.loads(lookups.read_text())]  # fmt: skip
+        if n := results.get("distil", {}).get("failed"):
+            failures.append({"paper": "(attempts)", "stage": "distil",
+                             "error": f"{n} teacher attempts failed: see distil/datasheet.md"})  # fmt: skip
         generated = [load_rubric(PaperDir(self.store.papers_dir / i).path("rubric.json"))
                      for i, s in papers.items() if s["rubric"] == "done"]  # fmt: skip
         reference = load_dir(self.cfg.reference_rubrics) if self.cfg.reference_rubrics else None

@@ -19,6 +19,8 @@ from klong_megatron.atomic import atomic_output
 
 STAGES = ("collect", "filter", "rubric", "blacklist", "tasks", "distil")
 """Every stage, in run order."""
+PAPER_STAGES = STAGES[:-1]
+"""Stages with per-paper markers (distil keeps per-attempt records of its own, factory/distil.py)."""
 _ID_RE = re.compile(r"[^A-Za-z0-9._-]+")
 
 

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from factory_llm_double import FactoryLLMDouble
 from factory_papers import body, make_corrupt_pdf, make_latex_archive, make_pdf
 
@@ -115,3 +116,40 @@ def test_factory_killed_mid_rubric_resumes_without_redoing_finished_papers(tmp_p
         assert llm.per_paper[f"Paper: {title}"] == 1
     assert len(load_tasks([str(out / "tasks")])) == 6
     assert not list(out.glob("tasks/.*"))  # no half-built task folder left behind
+
+
+@pytest.mark.bwrap
+def test_factory_all_six_stages_paper_to_kept_sft_trajectory(tmp_path: Path) -> None:
+    """The whole chain in one app run: a Markdown paper -> task folder -> stage 6 (factory/distil.py) with the
+    scripted teacher (openai_agent_double.py, an honest attempt) and judge doubles in bubblewrap sandboxes."""
+    from distil_tasks import judge_script
+    from openai_agent_double import OpenAIAgentDouble, PaperScript
+    from openai_judge_double import OpenAIJudgeDouble
+
+    from klong_megatron.config.distil import DistilConfig
+    from klong_megatron.config.judge import JudgeConfig
+    from klong_megatron.config.reproduce import ReproduceConfig
+    from klong_megatron.config.sandbox import SandboxConfig
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    inputs.mkdir()
+    _md_paper(inputs / "widgets.md", "Sparse Widgets for Tabular Learning")
+    sandbox = SandboxConfig(backend="bwrap", memory_mb=2048)
+    fast = {"max_attempts": 2, "backoff_s": 0.01, "backoff_max_s": 0.02}
+    with FactoryLLMDouble() as llm, OpenAIAgentDouble(PaperScript()) as teacher, \
+            OpenAIJudgeDouble(judge_script) as judge:  # fmt: skip
+        distil = DistilConfig(
+            teacher=ChatEngineConfig(base_url=teacher.url, model="teacher-double", **fast), sandbox=sandbox,
+            reproduce=ReproduceConfig(timeout_s=60, sandbox=sandbox), samples=1, time_limit_s=120, max_turns=20,
+            judge=JudgeConfig(endpoints=[judge.url], model="judge-double", use_checks=False, rank_files=False, **fast),
+        )  # fmt: skip
+        stages = ["collect", "filter", "rubric", "blacklist", "tasks", "distil"]
+        cfg = FactoryConfig(stages=stages, progress=False, llm=ChatEngineConfig(base_url=llm.url, **fast),
+                            distil=distil, collect=CollectConfig(inputs=[str(inputs)]),
+                            filter=FilterConfig(min_chars=2000))  # fmt: skip
+        report = run(cfg, str(out))
+    assert not report["failures"], report["failures"]
+    assert report["stages"]["distil"]["tasks"] == 1 and report["stages"]["distil"]["attempts_kept"] == 1
+    kept = [json.loads(x) for x in (out / "distil" / "sft.jsonl").read_text().splitlines()]
+    assert [r["meta"]["task"] for r in kept] == ["widgets"] and kept[0]["tools"]
+    assert report["papers"]["widgets"]["tasks"] == "done" and report["stages"]["distil"]["done"] == 1
