@@ -109,9 +109,12 @@ def test_factory_killed_mid_rubric_resumes_without_redoing_finished_papers(tmp_p
         assert 1 <= len(done_before) < 6, proc.stdout.read().decode()[-2000:]
         titles = {json.loads((out / "papers" / d / "meta.json").read_text())["title"] for d in done_before}
         llm.delay_s = 0.0
-        r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "rubric: " in r.stdout and f"{len(done_before)} already done" in r.stdout
+        cfg = FactoryConfig(output_dir=str(out), concurrency=2, progress=False, filter=FilterConfig(min_chars=2000),
+                            llm=ChatEngineConfig(base_url=llm.url),
+                            collect=CollectConfig(inputs=[str(inputs)]))  # fmt: skip
+        report = run(cfg, str(out))  # the same run, resumed in this process
+    assert not report["failures"]
+    assert report["stages"]["rubric"]["skipped"] == len(done_before)
     for title in titles:  # a finished rubric was never asked for again
         assert llm.per_paper[f"Paper: {title}"] == 1
     assert len(load_tasks([str(out / "tasks")])) == 6
