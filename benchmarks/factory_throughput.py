@@ -37,7 +37,7 @@ from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
-from factory_papers import make_latex_archive, make_pdf  # noqa: E402
+from factory_papers import make_latex_archive, make_markdown, make_pdf  # noqa: E402
 
 from klong_megatron.config.chat import ChatEngineConfig  # noqa: E402
 from klong_megatron.config.factory import CollectConfig, FactoryConfig, FilterConfig  # noqa: E402
@@ -78,12 +78,9 @@ def bench_convert(n: int, pages: int) -> list[list[str]]:
 
 
 def _papers(d: Path, n: int) -> None:
-    from factory_papers import body
-
     d.mkdir()
     for i in range(n):
-        title = f"Paper {i} on widgets"
-        (d / f"p{i}.md").write_text(f"# {title}\n\n" + "\n\n".join(f"## {h}\n\n{t}" for h, t in body(title)))
+        make_markdown(d / f"p{i}.md", f"Paper {i} on widgets")
 
 
 def bench_rubric(n: int, url: str) -> list[list[str]]:

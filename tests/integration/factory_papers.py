@@ -61,6 +61,12 @@ def make_latex_archive(path: Path, title: str, marker: str = "", repeats: int = 
     return path
 
 
+def make_markdown(path: Path, title: str, marker: str = "") -> Path:
+    """The same paper as Markdown (a title heading, ``##`` sections)."""
+    path.write_text(f"# {title}\n\n" + "\n\n".join(f"## {h}\n\n{t}" for h, t in body(title, marker)) + "\n")
+    return path
+
+
 def make_corrupt_pdf(path: Path) -> Path:
     path.write_bytes(b"%PDF-1.7\n1 0 obj << /Type /Catalog >> garbage, truncated")
     return path

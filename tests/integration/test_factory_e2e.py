@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from factory_llm_double import FactoryLLMDouble
-from factory_papers import body, make_corrupt_pdf, make_latex_archive, make_pdf
+from factory_papers import make_corrupt_pdf, make_latex_archive, make_markdown, make_pdf
 
 from klong_megatron.cli.eval import run as eval_run
 from klong_megatron.cli.factory import run
@@ -32,20 +32,15 @@ ROOT = Path(__file__).resolve().parents[2]
 REAL = ROOT.parent / "shared" / "data" / "paperbench_tasks" / "stochastic-interpolants"
 
 
-def _md_paper(path: Path, title: str, marker: str = "") -> Path:
-    path.write_text(f"# {title}\n\n" + "\n\n".join(f"## {h}\n\n{t}" for h, t in body(title, marker)) + "\n")
-    return path
-
-
 def _inputs(d: Path) -> Path:
     d.mkdir()
     make_pdf(d / "widgets.pdf", "Sparse Widgets for Tabular Learning")
     make_pdf(d / "widgets-copy.pdf", "Sparse Widgets for Tabular Learning")  # same text: a duplicate
     make_corrupt_pdf(d / "broken.pdf")
     make_latex_archive(d / "gadgets.tar.gz", "Dense Gadgets via LaTeX")
-    _md_paper(d / "endpoint.md", "Endpoint Down Paper", "ENDPOINT-DOWN")
-    _md_paper(d / "never.md", "Never Valid Paper", "NEVER-VALID")
-    _md_paper(d / "repair.md", "Needs Repair Paper", "NEEDS-REPAIR")
+    make_markdown(d / "endpoint.md", "Endpoint Down Paper", "ENDPOINT-DOWN")
+    make_markdown(d / "never.md", "Never Valid Paper", "NEVER-VALID")
+    make_markdown(d / "repair.md", "Needs Repair Paper", "NEEDS-REPAIR")
     shutil.copy(REAL / "paper.md", d / "stochastic-interpolants.md")
     return d
 
@@ -94,7 +89,7 @@ def test_factory_killed_mid_rubric_resumes_without_redoing_finished_papers(tmp_p
     inputs, out = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
     for i in range(6):
-        _md_paper(inputs / f"paper{i}.md", f"Paper number {i} on widgets")
+        make_markdown(inputs / f"paper{i}.md", f"Paper number {i} on widgets")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with FactoryLLMDouble(delay_s=0.15) as llm:
         cmd = [sys.executable, "-m", "klong_megatron.cli.factory", f"output_dir={out}", f"collect.inputs=[{inputs}]",
@@ -136,7 +131,7 @@ def test_factory_all_six_stages_paper_to_kept_sft_trajectory(tmp_path: Path) -> 
 
     inputs, out = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
-    _md_paper(inputs / "widgets.md", "Sparse Widgets for Tabular Learning")
+    make_markdown(inputs / "widgets.md", "Sparse Widgets for Tabular Learning")
     sandbox = SandboxConfig(backend="bwrap", memory_mb=2048)
     fast = {"max_attempts": 2, "backoff_s": 0.01, "backoff_max_s": 0.02}
     with FactoryLLMDouble() as llm, OpenAIAgentDouble(PaperScript()) as teacher, \
