@@ -6,7 +6,8 @@ and prints one table: each phase's wall time, its share of the whole run, the sc
 plus the total wall time (process start to exit, so start-up is included), the CPU time of the run's
 processes (a fairer figure on a shared machine) and the peak RSS. ``--seeds`` runs the demo once per seed
 (``trainer.seed``, ``rl.sft_warmup.seed`` and ``data.seed`` = 1234 + seed, ``rl.seed`` = seed) and ends with one
-row per seed: score after SFT, after each stage, the RL gain over SFT, wall and CPU time.
+row per seed: score after SFT, after each stage, the RL gain over SFT, the share of RL rollouts that hit their
+stage's timeout (a loaded machine slows rollouts into it, which changes what RL sees), wall and CPU time.
 
     python benchmarks/rl_demo_walltime.py                       # the demo as `make demo` runs it
     python benchmarks/rl_demo_walltime.py --seeds 0 1 2         # the README's three runs
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rl_demo_lr_curves import parse_log  # this folder's sibling script (the RL iterations' metric lines)
 
 
 def run_demo(out: Path, overrides: list[str]) -> tuple[float, int]:
@@ -67,13 +69,15 @@ def main() -> None:
     rows = [(seed, *one_run(out / f"seed{seed}", [*seed_overrides(seed), *args.overrides])) for seed in args.seeds]
     table = Table(title="klong-rl experiment=rl_demo per seed: held-out score after each phase")
     labels = [k for k in rows[0][1] if k != "initial"]
-    for col in ("seed", *labels, "RL gain over SFT", "wall s", "CPU s"):
+    for col in ("seed", *labels, "RL gain over SFT", "RL rollouts timed out", "wall s", "CPU s"):
         table.add_column(col, justify="right")
     for seed, scores, wall, cpu in rows:
         gain = scores[labels[-1]] - scores["sft"] if "sft" in scores else float("nan")
+        its = parse_log((out / f"seed{seed}" / "run.log").read_text())  # a loaded machine times rollouts out
+        timed_out = sum(r.get("timeout_frac", 0.0) for r in its) / max(len(its), 1)
         table.add_row(str(seed), *(f"{scores.get(k, float('nan')):.3f}" for k in labels), f"{gain:+.3f}",
-                      f"{wall:.0f}", f"{cpu:.0f}")  # fmt: skip
-    Console().print(table)
+                      f"{timed_out:.0%}", f"{wall:.0f}", f"{cpu:.0f}")  # fmt: skip
+    Console(width=200).print(table)
 
 
 def one_run(out: Path, overrides: list[str]) -> tuple[dict[str, float], float, float]:
@@ -100,7 +104,7 @@ def one_run(out: Path, overrides: list[str]) -> tuple[dict[str, float], float, f
                       f"{seconds:.0f}", f"{seconds / wall:.0%}", score)  # fmt: skip
     rest = wall - sum(s for p, s in phases.items() if not p.startswith("eval_stage"))
     table.add_row("start-up, services, rest", f"{rest:.0f}", f"{rest / wall:.0%}", "")
-    Console().print(table)
+    Console(width=200).print(table)
     return scores, wall, cpu
 
 
