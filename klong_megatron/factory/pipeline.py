@@ -113,6 +113,11 @@ class Factory:
             found, failures = arxiv_sources(c.arxiv_ids, c.arxiv_query, c.arxiv_max_results, self.out / "downloads")
             sources += found
         by_id = {s.paper_id: s for s in unique_ids(sources)}
+        for pid, src in list(by_id.items()):  # an id an earlier run gave to another file (files added since)
+            done = self.store.paper(pid).done("collect")
+            if done and done["source"] != src.origin:
+                failures.append((src.origin, f"paper id {pid!r} already holds {done['source']}: rename the file"))
+                del by_id[pid]
         pool = ThreadPoolExecutor(self.cfg.concurrency, thread_name_prefix="collect")
 
         async def work(p: PaperDir, _: None) -> dict[str, Any]:

@@ -84,6 +84,12 @@ def test_factory_end_to_end_failures_recorded_and_rerun_redoes_nothing(tmp_path:
     assert retried and all("ENDPOINT-DOWN" in u or "NEVER-VALID" in u for u in retried)  # only failures retried
     assert {f["paper"] for f in again["failures"]} == {"broken", "endpoint", "never"}
 
+    # A file added later whose id an earlier file already holds is refused, not mixed up with it.
+    make_markdown(inputs / "widgets.md", "Other Widgets")  # sorts before widgets.pdf: would take the id "widgets"
+    cfg.stages = ["collect"]
+    clash = [f for f in run(cfg, str(out))["failures"] if f["paper"].endswith("widgets.md")]
+    assert len(clash) == 1 and "paper id 'widgets' already holds local:" in clash[0]["error"]
+
 
 def test_factory_killed_mid_rubric_resumes_without_redoing_finished_papers(tmp_path: Path) -> None:
     inputs, out = tmp_path / "in", tmp_path / "out"
