@@ -297,7 +297,7 @@ def dist_to_hf(
     current = next(writers)
     stats: dict[str, object] = {"tensors": 0, "bytes": 0, "dtype": str(metas[names[0]].dtype).removeprefix("torch.")}
     for batch in _batches(names, metas, batch_bytes):
-        loaded = _read_params(path, pieces, params, batch)
+        loaded = _read_params(path, pieces, metas, batch)
         for n in batch:
             for k, t in group_to_hf(hf_group(n, cfg, names), loaded[n], cfg).items():
                 if not current.pending:
