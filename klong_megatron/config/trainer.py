@@ -30,11 +30,16 @@ class ParallelConfig:
     """Activation recomputation: null, "selective" or "full" (one layer at a time)."""
     overlap_grad_reduce: bool | None = None
     """Overlap the data-parallel gradient reduce with the backward pass (Megatron DDP buckets); None: on a GPU."""
+    overlap_param_gather: bool | None = None
+    """Distributed optimizer: all-gather the updated parameters bucket by bucket during the next forward instead
+    of after the optimizer step; None: on a GPU when use_distributed_optimizer."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "cp", "ep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ValueError("parallel.overlap_param_gather needs parallel.use_distributed_optimizer=true")
         if self.sequence_parallel and self.tp == 1:
             raise ValueError("parallel.sequence_parallel needs parallel.tp > 1")
         if self.recompute_granularity not in (None, "selective", "full"):

@@ -53,6 +53,8 @@ from megatron.core.dist_checkpointing.serialization import get_default_save_shar
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
+from klong_megatron.megatron.training import gather_params
+
 # fully_reshardable: the distributed optimizer's state in model-parameter shape (gathered over DP on save,
 # sliced per rank on load), so a checkpoint resumes at any TP/PP/DP layout (megatron-core 0.16.1
 # ``DistributedOptimizer.sharded_state_dict``); dp_reshardable (older checkpoints) only across DP.
@@ -300,6 +302,7 @@ def save_checkpoint(
             shutil.rmtree(partial, ignore_errors=True)  # left by a save that was killed
             partial.mkdir(parents=True)
         dist.barrier()
+        gather_params(model)  # overlap_param_gather: the parameters of the last step, not the one before
         sd = _state_dict(model, optimizer, scheduler, train_state, loading=False)
         request = dist_checkpointing.save(
             sd, str(partial), sharded_strategy=_save_strategy(fully_parallel), async_sharded_save=saver is not None,

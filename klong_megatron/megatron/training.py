@@ -3,6 +3,12 @@
 ``build_training_model`` -> (DDP-wrapped model, optimizer, scheduler). The model config gets
 ``calculate_per_token_loss=True`` and ``finalize_model_grads``: loss functions return SUMS with token
 counts and Megatron divides the gradients by the global count (see ``megatron/step.py``).
+
+Overlapped communication (on GPUs by default): the DP gradient reduce runs bucket by bucket during the backward
+(``overlap_grad_reduce``) and, with the distributed optimizer, the all-gather of the updated parameters during the
+next forward (``overlap_param_gather``, megatron-core DDP forward pre-hooks). Until that forward the model's
+parameters are the previous step's: :func:`gather_params` completes the gather before anything reads them
+directly (checkpoint saves, HF export, weight pushes).
 """
 
 from __future__ import annotations
@@ -14,13 +20,32 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
 from klong_megatron.config.model import ModelConfig
-from klong_megatron.config.trainer import TrainerConfig
+from klong_megatron.config.trainer import ParallelConfig, TrainerConfig
 from klong_megatron.megatron.model import build_gpt, init_layout_independent
 
 
 def resolve_bf16(t: TrainerConfig) -> bool:
     """``trainer.bf16``, where None means bf16 on a GPU and fp32 on CPU."""
     return t.bf16 if t.bf16 is not None else torch.cuda.is_available()
+
+
+def gather_params(model: torch.nn.Module) -> None:
+    """Finish the deferred all-gather of updated parameters (``overlap_param_gather``) so that ``model``'s
+    parameters are the current ones; a no-op otherwise. Collective over the data-parallel group."""
+    if getattr(model, "use_forward_hook", False):  # megatron-core DDP with overlap_param_gather
+        model.disable_forward_pre_hook(param_sync=True)
+        model.enable_forward_pre_hook()
+
+
+def ddp_config(parallel: ParallelConfig, *, on_gpu: bool) -> DistributedDataParallelConfig:
+    """Megatron DDP settings of ``parallel``: fp32 gradient reduce; the overlaps resolved (None: on a GPU)."""
+    overlap = on_gpu if parallel.overlap_grad_reduce is None else parallel.overlap_grad_reduce
+    dist_opt, gather = parallel.use_distributed_optimizer, parallel.overlap_param_gather
+    gather = dist_opt and on_gpu if gather is None else gather
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=dist_opt, overlap_grad_reduce=overlap,
+        overlap_param_gather=gather,
+    )  # fmt: skip
 
 
 def build_training_model(model_cfg: ModelConfig, t: TrainerConfig, *, init_from_hf: str | None = None):
@@ -43,14 +68,9 @@ def build_training_model(model_cfg: ModelConfig, t: TrainerConfig, *, init_from_
         model = Float16Module(config, model)
     config.calculate_per_token_loss = True
     config.finalize_model_grads_func = finalize_model_grads
-    overlap = t.parallel.overlap_grad_reduce
-    overlap = torch.cuda.is_available() if overlap is None else overlap
-    ddp_cfg = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=t.parallel.use_distributed_optimizer,
-        overlap_grad_reduce=overlap,
-    )  # fmt: skip
+    ddp_cfg = ddp_config(t.parallel, on_gpu=torch.cuda.is_available())
     model = DistributedDataParallel(config, ddp_cfg, model)
-    if overlap:  # as Megatron-LM's training loop: reduce only after the last micro-batch, bucket by bucket
+    if ddp_cfg.overlap_grad_reduce:  # as Megatron-LM's training loop: reduce after the last micro-batch, by bucket
         config.no_sync_func = model.no_sync
         config.grad_sync_func = model.start_grad_sync
     opt_cfg = OptimizerConfig(

@@ -34,7 +34,7 @@ from klong_megatron.megatron import checkpoint as ckpt
 from klong_megatron.megatron.model import build_gpt, uses_packed_seq_params
 from klong_megatron.megatron.parallel import data_parallel_rank_and_size, init_distributed
 from klong_megatron.megatron.rl_loss import make_logprob_forward_step, make_rl_forward_step, reduce_rl_reports
-from klong_megatron.megatron.training import build_training_model, resolve_bf16
+from klong_megatron.megatron.training import build_training_model, gather_params, resolve_bf16
 from klong_megatron.rl.windows import GREEDY_EPS
 from klong_megatron.sft.batches import thd_batch_for_cp_rank, thd_unpartition
 
@@ -99,11 +99,16 @@ class Policy:
     def __init__(self, cfg: RLConfig) -> None:
         self.cfg = cfg
         t = cfg.trainer
+        self.te_packing = uses_packed_seq_params(cfg.model)
+        if t.parallel.cp > 1 and not self.te_packing:
+            raise ValueError(
+                f"trainer.parallel.cp={t.parallel.cp} needs Transformer Engine's packed (THD) attention on GPUs "
+                f"(model.transformer_impl={cfg.model.transformer_impl!r} resolves to the local spec here)"
+            )
         init_distributed(t.parallel, t.seed)
         self.model, self.optimizer, self.scheduler = build_training_model(cfg.model, t, init_from_hf=cfg.init_from_hf)
         if cfg.init_from_checkpoint:
             self.load_weights(cfg.init_from_checkpoint)
-        self.te_packing = uses_packed_seq_params(cfg.model)
         self.attention = "thd" if self.te_packing or t.packed_format == "thd" else "mask"
         self.dp_rank, self.dp_size = data_parallel_rank_and_size()
         self.ref: torch.nn.Module | None = None
@@ -273,6 +278,7 @@ class Policy:
                 self.scheduler.step(increment=1)
                 grad_norms.append(float(grad_norm or 0.0))
                 self.steps += 1
+        gather_params(self.model)  # overlap_param_gather: exports, pushes and saves read the updated weights
         metrics = reduce_rl_reports(reports, parallel_state.get_data_parallel_group(with_context_parallel=True))
         metrics["grad_norm"] = float(np.mean(grad_norms)) if grad_norms else 0.0
         metrics["optimizer_steps"] = float(len(grad_norms))

@@ -13,6 +13,8 @@ gradients equal the CP 1 run, and the flat CP 1 layout equals the row layout wit
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from megatron.core.distributed import finalize_model_grads
@@ -161,3 +163,19 @@ def test_cp_padding_tokens_carry_no_loss_and_each_token_lands_on_one_rank() -> N
     for key in ("advantages", "old_logprobs", "labels"):
         restored = thd_unpartition([p[key] for p in parts], batch["cu_seqlens"], parts[0]["cu_seqlens_padded"])
         torch.testing.assert_close(restored.reshape(batch[key].shape), batch[key].to(restored.dtype))
+
+
+def test_rl_with_context_parallelism_refuses_the_local_attention_spec() -> None:
+    from klong_megatron.config.data import ContextPolicyConfig, DataConfig
+    from klong_megatron.config.rl import RLConfig, StageConfig
+    from klong_megatron.config.rollout import RolloutConfig, SamplingConfig
+    from klong_megatron.config.trainer import TrainerConfig
+    from klong_megatron.rl.policy import Policy
+
+    trainer = TrainerConfig(train_steps=1, global_batch_size=1, parallel=ParallelConfig(cp=2))
+    data = DataConfig(tokenizer="demo_bpe", policy=ContextPolicyConfig(max_len=64, gen_reserve=32))
+    rollout = RolloutConfig(sampling=SamplingConfig(max_new_tokens=8))
+    model = dataclasses.replace(MODEL, seq_length=64)
+    cfg = RLConfig(model=model, data=data, trainer=trainer, rollout=rollout, stages=[StageConfig(timeout_s=60.0)])
+    with pytest.raises(ValueError, match=r"trainer.parallel.cp=2 needs Transformer Engine's packed \(THD\)"):
+        Policy(cfg)

@@ -69,3 +69,27 @@ def test_qwen3_8b_sft_and_rl_presets_train_within_the_native_context() -> None:
         compose(config_name="sft", overrides=[*long, "model.rope_scaling=yarn", "model.rope_scaling_factor=2"])
     )
     assert yarn.model.context_limit() == 65536
+
+
+@pytest.mark.parametrize("preset", ["qwen3-8b", "glm4.5-air", "qwen2.5-32b"])
+def test_gpu_presets_overlap_communication_and_save_in_parallel_in_the_background(preset: str) -> None:
+    from klong_megatron.megatron.training import ddp_config
+
+    cfg = OmegaConf.to_object(compose(config_name="sft", overrides=[f"experiment={preset}", "data.tokenizer=x"]))
+    ddp = ddp_config(cfg.trainer.parallel, on_gpu=True)
+    assert ddp.use_distributed_optimizer and ddp.overlap_grad_reduce and ddp.overlap_param_gather
+    assert cfg.trainer.async_save and cfg.trainer.fully_parallel_save
+    explicit = ddp_config(cfg.trainer.parallel, on_gpu=False)  # set in the preset, so not left to the device
+    assert explicit.overlap_grad_reduce and explicit.overlap_param_gather
+
+
+def test_overlap_defaults_follow_the_device_and_param_gather_needs_the_distributed_optimizer() -> None:
+    from klong_megatron.megatron.training import ddp_config
+
+    cpu = ddp_config(ParallelConfig(use_distributed_optimizer=True), on_gpu=False)
+    assert not cpu.overlap_grad_reduce and not cpu.overlap_param_gather
+    gpu = ddp_config(ParallelConfig(use_distributed_optimizer=True), on_gpu=True)
+    assert gpu.overlap_grad_reduce and gpu.overlap_param_gather
+    assert not ddp_config(ParallelConfig(), on_gpu=True).overlap_param_gather  # no distributed optimizer
+    with pytest.raises(ValueError, match="parallel.overlap_param_gather needs parallel.use_distributed_optimizer"):
+        ParallelConfig(overlap_param_gather=True)
