@@ -282,6 +282,5 @@ class RLConfig:
                              "or use rl.weight_sync=disk")  # fmt: skip
 
 
-
 def register(cs: ConfigStore) -> None:
     cs.store(name="rl_schema", node=RLConfig)
