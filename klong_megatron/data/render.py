@@ -205,9 +205,12 @@ class Renderer:
         return next((t for t in self.stop_texts if text.startswith(t)), "")
 
     # -- pieces ----------------------------------------------------------------------------------------
-    def _turn(self, ctx: list[Message], m: Message, tools: Tools, index: int) -> _Turn:
-        """Assistant ``m`` rendered as the last message after ``ctx`` (which ends with a non-assistant)."""
-        base, prompt = self._t(ctx, tools, blame=index), self._t(ctx, tools, True, blame=index)
+    def _turn(
+        self, ctx: list[Message], m: Message, tools: Tools, index: int, pair: tuple[str, str] | None = None
+    ) -> _Turn:
+        """Assistant ``m`` rendered as the last message after ``ctx`` (which ends with a non-assistant);
+        ``pair``: ``ctx``'s renderings without and with the generation prompt, when already made."""
+        base, prompt = pair or (self._t(ctx, tools, blame=index), self._t(ctx, tools, True, blame=index))
         full = self._t([*ctx, m], tools, blame=index)
         if not (prompt.startswith(base) and full.startswith(prompt)):
             raise _Refusal(index, "the template's generation prompt does not extend the rendered history")
@@ -330,18 +333,22 @@ class Renderer:
         edges = [0, *ends.tolist()]
         return [ids[edges[k] : edges[k + 1]] for k in range(len(block), len(block) + len(new))]
 
-    def assistant_pieces(self, history: list[Message], msg: Message, tools: Tools = None) -> tuple[str, str, str]:
+    def assistant_pieces(
+        self, history: list[Message], msg: Message, tools: Tools = None, pair: tuple[str, str] | None = None
+    ) -> tuple[str, str, str]:
         """(header, generated text, suffix) of assistant ``msg`` after ``history``; the generated text ends
-        with its stop token only when the template writes one (not GLM-4.5)."""
+        with its stop token only when the template writes one (not GLM-4.5). ``pair``: ``context_texts`` of
+        the same ``history`` and ``tools`` when the caller has it (saves two template renderings)."""
         init, block, any_turn = self._split_history(history)
         try:
-            turn = self._turn(init + block if any_turn else init, msg, tools, len(history))
+            turn = self._turn(init + block if any_turn else init, msg, tools, len(history), pair)
         except _Refusal as e:
             raise RenderError(f"message {e.index}: chat template refused: {e.reason}") from None
         return turn.header, turn.body, turn.suffix
 
-    def generation_prompt(self, history: list[Message], tools: Tools = None) -> np.ndarray:
-        """The header tokens the template writes before the model's next assistant turn."""
+    def context_texts(self, history: list[Message], tools: Tools = None) -> tuple[str, str]:
+        """The context the next assistant turn follows (the prompt and the messages after the last assistant
+        turn), rendered without and with the generation prompt; the second extends the first."""
         init, block, any_turn = self._split_history(history)
         ctx = init + block if any_turn else init
         try:
@@ -350,6 +357,14 @@ class Renderer:
             raise RenderError(f"chat template refused the conversation: {e.reason}") from None
         if not prompt.startswith(base):
             raise ValueError("chat template's generation prompt does not extend the rendered history")
+        return base, prompt
+
+    def generation_prompt(
+        self, history: list[Message], tools: Tools = None, pair: tuple[str, str] | None = None
+    ) -> np.ndarray:
+        """The header tokens the template writes before the model's next assistant turn (``pair``: as in
+        ``assistant_pieces``)."""
+        base, prompt = pair or self.context_texts(history, tools)
         return np.asarray(self.encode(prompt[len(base) :]), dtype=np.int32)
 
     def assistant_suffix(self) -> np.ndarray:

@@ -86,6 +86,8 @@ class _Run:
     gen_s: float = 0.0
     tool_s: float = 0.0
     tokens: int = 0
+    context: tuple[str, str] | None = None
+    """``Renderer.context_texts`` of the current turn (made for its header, reused for its pieces)."""
 
 
 class AgentLoop:
@@ -105,7 +107,8 @@ class AgentLoop:
         self.stops = np.asarray(renderer.stop_ids, dtype=np.int32)
 
     def _header(self, run: _Run) -> np.ndarray:
-        header = self.renderer.generation_prompt(run.messages, run.schemas).astype(np.int32)
+        run.context = self.renderer.context_texts(run.messages, run.schemas)
+        header = self.renderer.generation_prompt(run.messages, run.schemas, run.context).astype(np.int32)
         need = len(header) + self.sampling.max_new_tokens + 1 + len(self.suffix)
         if self.policy.cfg.gen_reserve < need:
             raise ValueError(
@@ -185,7 +188,7 @@ class AgentLoop:
         calls = tuple(ToolCall(c.name, c.arguments, f"call_{len(run.steps)}_{k}") for k, c in enumerate(parsed.calls))
         parsed = ParsedTurn(parsed.content, parsed.reasoning, calls, parsed.errors)
         msg = Message("assistant", parsed.content, tool_calls=calls, reasoning=parsed.reasoning)
-        structured = self._renders_back(run, msg, header, body)
+        structured = self._renders_back(run, msg, body)
         if not structured:
             msg = Message("assistant", text)
         self._add(run, state, ids, mask.astype(np.uint8), msg, tuple(c.name for c in calls))
@@ -213,14 +216,14 @@ class AgentLoop:
         )
         return parsed
 
-    def _renders_back(self, run: _Run, msg: Message, header: np.ndarray, body: np.ndarray) -> bool:
+    def _renders_back(self, run: _Run, msg: Message, body: np.ndarray) -> bool:
         """Whether the chat template renders ``msg`` (after the history) to exactly these tokens."""
         try:
-            head, gen, _ = self.renderer.assistant_pieces(run.messages, msg, run.schemas)
+            head, gen, _ = self.renderer.assistant_pieces(run.messages, msg, run.schemas, run.context)
         except ValueError:  # the template refuses the parsed form (e.g. Llama-3.1 and two tool calls)
             return False
         want = body.tolist() if self.renderer.writes_stop else body[:-1].tolist()
-        return self.renderer.encode(head) == header.tolist() and self.renderer.encode(gen) == want
+        return self.renderer.encode(gen) == want  # the header is the one sent (same context_texts)
 
     async def _tools(self, run: _Run, state: Any, parsed: ParsedTurn, deadline: float) -> tuple[bool, bool]:
         """Execute the calls; append observations. Returns (submitted, timed_out)."""
