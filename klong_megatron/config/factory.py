@@ -29,6 +29,8 @@ class CollectConfig:
     arxiv_query: str | None = None
     """An arXiv search query (e.g. ``cat:cs.LG AND abs:reinforcement``); its first ``arxiv_max_results``."""
     arxiv_max_results: int = 20
+    arxiv_api_url: str = "https://export.arxiv.org/api/query"
+    """arXiv's Atom query API (or a mirror speaking it)."""
     pdf_layout: bool = False
     """PDFs through PyMuPDF's layout model (better tables and reading order, ~5x slower on CPU)."""
     pandoc: str = "pandoc"

@@ -43,15 +43,23 @@ def _source_of(result: Any, client: httpx.Client, download_dir: Path) -> Source:
 
 
 def arxiv_sources(
-    ids: list[str], query: str | None, max_results: int, download_dir: Path, *, timeout_s: float = 60.0
+    ids: list[str],
+    query: str | None,
+    max_results: int,
+    download_dir: Path,
+    *,
+    api_url: str = "https://export.arxiv.org/api/query",
+    timeout_s: float = 60.0,
 ) -> tuple[list[Source], list[tuple[str, str]]]:
-    """(sources, failures): arXiv papers by ``ids`` and by ``query`` (at most ``max_results``), downloaded."""
+    """(sources, failures): arXiv papers by ``ids`` and by ``query`` (at most ``max_results``), downloaded;
+    ``api_url``: the Atom query API (arXiv's, or a mirror)."""
     if not ids and not query:
         return [], []
     import arxiv
 
     download_dir.mkdir(parents=True, exist_ok=True)
     api = arxiv.Client(num_retries=1, delay_seconds=3.0)
+    api.query_url_format = api_url + "?{}"
     searches = [(f"arxiv:{i}", arxiv.Search(id_list=[i])) for i in ids]
     if query:
         searches.append((f"arxiv:query {query!r}", arxiv.Search(query=query, max_results=max_results)))

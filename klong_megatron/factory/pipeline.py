@@ -110,7 +110,8 @@ class Factory:
         if c.arxiv_ids or c.arxiv_query:
             from klong_megatron.factory.arxiv_source import arxiv_sources
 
-            found, failures = arxiv_sources(c.arxiv_ids, c.arxiv_query, c.arxiv_max_results, self.out / "downloads")
+            found, failures = arxiv_sources(c.arxiv_ids, c.arxiv_query, c.arxiv_max_results, self.out / "downloads",
+                                            api_url=c.arxiv_api_url)  # fmt: skip
             sources += found
         by_id = {s.paper_id: s for s in unique_ids(sources)}
         for pid, src in list(by_id.items()):  # an id an earlier run gave to another file (files added since)

@@ -157,3 +157,57 @@ def test_search_api_urls_join_the_blacklist() -> None:
     assert found["urls"] == ["https://github.com/acme/widgets", "https://gitlab.com/acme/widgets-mirror",
                              "/search?q=Sparse+Widgets"]  # fmt: skip
     assert [c["url"] for c in found["candidates"]] == ["https://github.com/other/lib"]
+
+
+ATOM = """<?xml version="1.0" encoding="UTF-8"?>
+<feed xmlns="http://www.w3.org/2005/Atom" xmlns:opensearch="http://a9.com/-/spec/opensearch/1.1/"
+      xmlns:arxiv="http://arxiv.org/schemas/atom">
+  <opensearch:totalResults>1</opensearch:totalResults><opensearch:startIndex>0</opensearch:startIndex>
+  <opensearch:itemsPerPage>1</opensearch:itemsPerPage>
+  <entry>
+    <id>http://arxiv.org/abs/2401.00001v1</id><updated>2024-01-02T00:00:00Z</updated>
+    <published>2023-12-29T18:00:00Z</published><title>Dense  Gadgets
+      via LaTeX</title><summary>We study gadgets.</summary><author><name>A. Author</name></author>
+    <link href="{base}/abs/2401.00001v1" rel="alternate" type="text/html"/>
+    <link title="pdf" href="{base}/pdf/2401.00001v1" rel="related" type="application/pdf"/>
+    <arxiv:primary_category term="cs.LG"/><category term="cs.LG"/>
+  </entry>
+</feed>"""
+
+
+def test_arxiv_id_through_the_arxiv_package_and_source_download(tmp_path: Path) -> None:
+    """The real ``arxiv`` package parses an Atom feed in arXiv's API format (info.arxiv.org/help/api/user-manual)
+    served locally; the source archive is fetched from the /src/ URL it derives, then converted."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from klong_megatron.factory.arxiv_source import arxiv_sources
+
+    archive = make_latex_archive(tmp_path / "src.tar.gz", "Dense Gadgets via LaTeX").read_bytes()
+    seen: list[str] = []
+
+    class ArxivMirror(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.path)
+            base = f"http://127.0.0.1:{self.server.server_address[1]}"
+            payload = ATOM.format(base=base).encode() if self.path.startswith("/api/query") else archive
+            self.send_response(200 if self.path.startswith(("/api/query", "/src/2401.00001v1")) else 404)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = HTTPServer(("127.0.0.1", 0), ArxivMirror)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        api = f"http://127.0.0.1:{srv.server_address[1]}/api/query"
+        sources, failures = arxiv_sources(["2401.00001"], None, 5, tmp_path / "dl", api_url=api)
+    finally:
+        srv.shutdown()
+    assert failures == [] and "id_list=2401.00001" in seen[0] and seen[1] == "/src/2401.00001v1"
+    (src,) = sources
+    assert (src.paper_id, src.kind, src.origin) == ("2401.00001v1", "latex", "arxiv:2401.00001v1")
+    assert src.meta["title"] == "Dense Gadgets via LaTeX" and src.meta["year"] == 2023
+    assert "Method" in convert(src.path).markdown  # pandoc, or the fallback without it
