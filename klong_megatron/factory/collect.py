@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from klong_megatron.errors import UserError
 from klong_megatron.factory.convert import ConversionError, convert, kind_of, tex_title
 from klong_megatron.factory.store import PaperDir, slug, write_json, write_text
 
@@ -53,7 +54,7 @@ def local_sources(inputs: list[str]) -> list[Source]:
             files += sorted(f for f in p.rglob("*") if f.is_file() and kind_of(f) and not f.name.startswith("."))
         elif p.is_file():
             if kind_of(p) is None:
-                raise ValueError(f"collect.inputs: {item}: not a paper file (.pdf, .tar.gz, .tgz, .gz, .tex, .md)")
+                raise UserError(f"collect.inputs: {item}: not a paper file (.pdf, .tar.gz, .tgz, .gz, .tex, .md)")
             files.append(p)
         else:
             raise FileNotFoundError(2, "No such file or directory", item)

@@ -25,6 +25,7 @@ from typing import Any
 from tqdm import tqdm
 
 from klong_megatron.config.factory import FactoryConfig
+from klong_megatron.errors import UserError
 from klong_megatron.factory.blacklist import blacklist_paper
 from klong_megatron.factory.collect import Source, collect_one, local_sources, mark_duplicates, unique_ids
 from klong_megatron.factory.filter import filter_paper
@@ -105,7 +106,12 @@ class Factory:
 
     def _collect(self) -> dict[str, Any]:
         c = self.cfg.collect
+        if not (c.inputs or c.arxiv_ids or c.arxiv_query):
+            raise UserError("stage collect: no papers given: set collect.inputs=[DIR] (or collect.arxiv_ids, "
+                            "collect.arxiv_query), or leave collect out of stages")  # fmt: skip
         sources: list[Source] = local_sources(c.inputs)
+        if c.inputs and not sources:
+            raise UserError(f"collect.inputs {list(c.inputs)}: no paper files (.pdf, .tar.gz, .tgz, .gz, .tex, .md)")
         failures: list[tuple[str, str]] = []
         if c.arxiv_ids or c.arxiv_query:
             from klong_megatron.factory.arxiv_source import arxiv_sources
