@@ -211,3 +211,9 @@ def test_arxiv_id_through_the_arxiv_package_and_source_download(tmp_path: Path) 
     assert (src.paper_id, src.kind, src.origin) == ("2401.00001v1", "latex", "arxiv:2401.00001v1")
     assert src.meta["title"] == "Dense Gadgets via LaTeX" and src.meta["year"] == 2023
     assert "Method" in convert(src.path).markdown  # pandoc, or the fallback without it
+
+
+def test_without_pymupdf4llm_a_pdf_fails_naming_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pymupdf4llm", None)  # as if the 'factory' extra were not installed
+    with pytest.raises(ConversionError, match=r"p\.pdf: PDF conversion needs pymupdf4llm .*\.\[factory\]"):
+        convert(make_pdf(tmp_path / "p.pdf", "A Paper"))
