@@ -134,7 +134,9 @@ class RefillBatches:
         polls, t0 = 0, time.perf_counter()
         while True:
             if polls % 30 == 0:  # again now and then: a restarted service learns where the trainer is
-                await self.service.control(stage=s, taken=state.groups_taken)
+                status = await self.service.control(stage=s, taken=state.groups_taken)
+                if status.get("errors") and not status.get("workers"):
+                    raise RuntimeError(f"the rollout service has no running worker: {status['errors']}")
             chosen, used = [], 0
             for entry in read_group_log(self.dir / "groups.jsonl", state.groups_taken):
                 used += 1

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import json
 import logging
 import os
@@ -109,6 +108,8 @@ class RolloutService:
         self._wake = asyncio.Event()
         self._workers: list[asyncio.Task] = []
         self.finished = self.failed = 0
+        self.errors: list[str] = []
+        """workers that stopped with an error (``status()["errors"]``)"""
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -124,14 +125,20 @@ class RolloutService:
                 if stage < self.stage and self.stage_switch == "cancel":
                     self._close_group(group, "cancelled")
         self._workers = [asyncio.create_task(self._worker()) for _ in range(self.concurrency)]
+        for w in self._workers:
+            w.add_done_callback(self._worker_done)
+
+    def _worker_done(self, task: asyncio.Task) -> None:
+        """A worker that stopped with an error (a bug, or ``groups_of`` refusing a stage) is reported loudly."""
+        if not task.cancelled() and task.exception() is not None:
+            self.errors.append(f"{type(task.exception()).__name__}: {task.exception()}")
+            log.error("rollout service worker stopped: %s", self.errors[-1], exc_info=task.exception())
 
     async def close(self) -> None:
         """Cancel the workers (running rollouts are dropped; a restart resumes their groups)."""
         for w in self._workers:
             w.cancel()
-        for w in self._workers:
-            with contextlib.suppress(asyncio.CancelledError):
-                await w
+        await asyncio.gather(*self._workers, return_exceptions=True)  # errors were reported by _worker_done
         self._workers = []
 
     async def control(self, stage: int | None = None, taken: int | None = None) -> dict[str, Any]:
@@ -156,6 +163,7 @@ class RolloutService:
             "stage": self.stage, "taken": self.taken, "logged": len(self.logged), "in_progress": len(self._groups),
             "running": running, "queued": len(self._queue), "stored": len(self.store), "finished": self.finished,
             "failed": self.failed, "concurrency": self.concurrency, "max_ahead": self.max_ahead,
+            "workers": sum(not w.done() for w in self._workers), "errors": self.errors[-5:],
         }  # fmt: skip
 
     # ------------------------------------------------------------------ groups
@@ -227,6 +235,8 @@ class RolloutService:
             else:
                 group.offsets[task.id] = await asyncio.to_thread(self.store.append, traj.to_json())
                 self.finished += 1
+            if group.name not in self._groups:  # cancelled by a stage switch while it was being stored
+                continue
             if len(group.offsets) + len(group.failed) == len(group.members):
                 self._close_group(group, "complete")
 

@@ -21,9 +21,7 @@ from test_slurm_rl import SMALL_RL, _env, _read, _submit_and_wait, tiny_hf_polic
 from klong_megatron.rl.servers import DevServerProcess
 from klong_megatron.rl.weight_sync import free_port
 
-pytestmark = pytest.mark.bwrap
-
-ITERATIONS = 3
+ITERATIONS = 2
 
 
 def _config(out: Path, server: str) -> list[str]:
@@ -58,6 +56,7 @@ def _state(out: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+@pytest.mark.bwrap
 def test_service_and_trainer_each_survive_a_sigkill_of_the_other(tmp_path: Path) -> None:
     dev = DevServerProcess(tiny_hf_policy(tmp_path / "hf"), threads=1)
     out, port = tmp_path / "run", free_port()
@@ -134,6 +133,7 @@ def test_sbatch_dry_run_plans_the_rollout_service_step(tmp_path: Path) -> None:
     assert "config validated" in out
 
 
+@pytest.mark.bwrap
 def test_in_process_refill_resumes_after_sigkill_and_trains_whole_groups(tmp_path: Path) -> None:
     out, log = tmp_path / "run", tmp_path / "trainer.log"
     stage = f"stages=[{{timeout_s:15,iterations:{ITERATIONS},rollouts_per_task:2,tasks_per_iteration:2}}]"
@@ -162,6 +162,7 @@ def test_in_process_refill_resumes_after_sigkill_and_trains_whole_groups(tmp_pat
 
 
 @pytest.mark.slurm
+@pytest.mark.bwrap
 def test_sbatch_runs_the_rollout_service_as_its_own_step(tmp_path: Path) -> None:
     hf = tiny_hf_policy(tmp_path / "tiny_hf")
     port, service_port = free_port(), free_port()

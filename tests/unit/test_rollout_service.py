@@ -208,3 +208,22 @@ def test_service_http_control_validates_and_applies(tmp_path: Path) -> None:
             await svc.close()
 
     asyncio.run(main())
+
+
+def test_a_worker_error_is_reported_in_the_status(tmp_path: Path) -> None:
+    def groups_of(stage: int, index: int) -> list[RolloutTask]:
+        if stage > 0:
+            raise ValueError(f"no stage {stage}")
+        return _groups_of(stage, index)
+
+    async def main() -> dict:
+        svc = RolloutService(tmp_path, groups_of, _DoubleRollouts().fn_of, concurrency=2, max_ahead=8)
+        await svc.start()
+        await svc.control(stage=1)
+        await _until(lambda: svc.status()["workers"] == 0)
+        status = svc.status()
+        await svc.close()
+        return status
+
+    status = asyncio.run(main())
+    assert status["errors"] and "no stage 1" in status["errors"][0]
