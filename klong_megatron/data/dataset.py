@@ -79,11 +79,16 @@ def collate(samples: list[dict[str, Any]], attention: str = "mask") -> dict[str,
 
     ``attention="mask"``: adds ``attention_mask`` bool [B, 1, S, S] (True = masked out).
     ``attention="thd"``: adds ``cu_seqlens`` int32 over the flattened batch and ``max_seqlen``.
+    Always: ``padding_mask`` bool [B, S], True on the fill after a row's last window (megatron-core's MoE routing
+    leaves those tokens out of its aux loss, z-loss and expert-bias counts); a row without trajectory ids (a
+    zero-loss filler row) counts as real, so no micro-batch is padding only.
     """
     out: dict[str, Any] = {k: torch.stack([s[k] for s in samples]) for k in ("tokens", "labels", "loss_mask")}
     out["position_ids"] = torch.stack([s["position_ids"] for s in samples])
     out["trajectory_ids"] = [s["trajectory_ids"] for s in samples]
     seq_len = out["tokens"].shape[1]
+    ends = [int(s["cu_seqlens"][len(s["trajectory_ids"])]) if s["trajectory_ids"] else seq_len for s in samples]
+    out["padding_mask"] = torch.arange(seq_len)[None, :] >= torch.tensor(ends)[:, None]
     if attention == "mask":
         out["attention_mask"] = torch.stack([block_causal_mask(s["cu_seqlens"], seq_len) for s in samples])
     elif attention == "thd":

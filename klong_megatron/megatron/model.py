@@ -53,6 +53,25 @@ def _patch_moe_router_without_te() -> None:
         moe_utils.te_general_gemm = None
 
 
+def _patch_expert_bias_padding_mask() -> None:
+    """megatron-core 0.16.1 ``TopKRouter._apply_expert_bias`` masks ``routing_map`` ``[tokens, experts]`` with the
+    ``[tokens]`` padding mask without a trailing axis: it raises (broadcast) whenever the expert bias and a
+    padding mask meet. Give the mask that axis; idempotent."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    if getattr(TopKRouter, "_klong_padding_axis", False):
+        return
+    original = TopKRouter._apply_expert_bias
+
+    def apply_expert_bias(self, routing_map, padding_mask=None):
+        if padding_mask is not None and padding_mask.dim() == routing_map.dim() - 1:
+            padding_mask = padding_mask.unsqueeze(-1)
+        return original(self, routing_map, padding_mask=padding_mask)
+
+    TopKRouter._apply_expert_bias = apply_expert_bias
+    TopKRouter._klong_padding_axis = True
+
+
 def resolve_impl(cfg: ModelConfig, have_te: bool | None = None, on_gpu: bool | None = None) -> str:
     """``"te"`` or ``"local"`` for ``cfg.transformer_impl`` given whether TE imports (default: ``HAVE_TE``).
 
@@ -218,6 +237,7 @@ def build_gpt(
     parallel = parallel or ParallelConfig()
     if cfg.is_moe:
         _patch_moe_router_without_te()
+        _patch_expert_bias_padding_mask()
         if cfg.moe_token_dispatcher == "alltoall" and not torch.cuda.is_available():
             raise ValueError("model.moe_token_dispatcher=alltoall needs CUDA (it waits on CUDA events); use allgather")
     if pre_process is None:

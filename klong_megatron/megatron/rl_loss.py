@@ -43,7 +43,7 @@ from torch import Tensor
 from klong_megatron.algo.grpo import policy_loss
 from klong_megatron.algo.logprobs import AllReduce, vocab_parallel_token_logprobs
 from klong_megatron.config.grpo import GRPOConfig
-from klong_megatron.megatron.step import Batch, packed_seq_params, to_device
+from klong_megatron.megatron.step import Batch, moe_padding, packed_seq_params, to_device
 
 REQUIRED_KEYS = ("tokens", "labels", "position_ids", "loss_mask", "old_logprobs", "advantages")
 TOKEN_KEYS = (
@@ -127,12 +127,15 @@ def _forward_hidden(model: torch.nn.Module, batch: Batch) -> tuple[Tensor, Batch
     with hidden_states_only(gpt):
         if "cu_seqlens" in batch:
             batch = _flatten_thd(batch)
+            pad = moe_padding(model, batch, batch["tokens"].shape)
             if "attention_mask" in batch:  # the flat layout through the local spec: a [1, 1, T, T] block mask
-                hidden = model(batch["tokens"], batch["position_ids"], batch["attention_mask"])
+                hidden = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], **pad)
             else:
-                hidden = model(batch["tokens"], batch["position_ids"], None, packed_seq_params=packed_seq_params(batch))
+                psp = packed_seq_params(batch)
+                hidden = model(batch["tokens"], batch["position_ids"], None, packed_seq_params=psp, **pad)
         else:
-            hidden = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+            pad = moe_padding(model, batch, batch["tokens"].shape)
+            hidden = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), **pad)
     return hidden, batch
 
 

@@ -62,6 +62,18 @@ def packed_seq_params(batch: Batch) -> PackedSeqParams:
     )  # fmt: skip
 
 
+def moe_padding(model: torch.nn.Module, batch: Batch, shape: torch.Size) -> dict[str, torch.Tensor]:
+    """``{"padding_mask": ...}`` (bool, ``shape`` = the tokens', True = padding) for an MoE model whose batch marks
+    padding, else ``{}``. megatron-core 0.16.1 ``GPTModel.forward(padding_mask=)``: the router still routes those
+    tokens but leaves them out of the aux / z-loss statistics and the expert-bias token counts."""
+    inner = model
+    while hasattr(inner, "module"):
+        inner = inner.module
+    if batch.get("padding_mask") is None or not getattr(inner.config, "num_moe_experts", None):
+        return {}
+    return {"padding_mask": batch["padding_mask"].reshape(shape)}
+
+
 def make_forward_step(on_batch: Callable[[Batch], None] | None = None) -> Callable:
     """Megatron ``forward_step_func``: pulls one micro-batch, runs the model with labels.
 
@@ -75,8 +87,11 @@ def make_forward_step(on_batch: Callable[[Batch], None] | None = None) -> Callab
             on_batch(batch)
         if "cu_seqlens" in batch:  # THD: the micro-batch is one flat sequence of packed windows
             flat = {k: batch[k].reshape(1, -1) for k in ("tokens", "position_ids", "labels", "loss_mask")}
+            pad = moe_padding(model, batch, flat["tokens"].shape)
             if "attention_mask" in batch:  # the same flat layout through the local spec: a [1,1,T,T] block mask
-                output = model(flat["tokens"], flat["position_ids"], batch["attention_mask"], labels=flat["labels"])
+                output = model(
+                    flat["tokens"], flat["position_ids"], batch["attention_mask"], labels=flat["labels"], **pad
+                )
             else:
                 output = model(
                     flat["tokens"],
@@ -84,9 +99,11 @@ def make_forward_step(on_batch: Callable[[Batch], None] | None = None) -> Callab
                     None,
                     labels=flat["labels"],
                     packed_seq_params=packed_seq_params(batch),
+                    **pad,
                 )
             return output, partial(loss_func, flat["loss_mask"])
-        output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+        pad = moe_padding(model, batch, batch["tokens"].shape)
+        output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"], **pad)
         return output, partial(loss_func, batch["loss_mask"])
 
     return forward_step

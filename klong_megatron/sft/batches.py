@@ -138,12 +138,16 @@ def pad_thd(
     cu_padded = torch.cat([cu.new_zeros(1), padded.cumsum(0)])
     total = int(cu_padded[-1])
     dest = _real_token_slots(cu, cu_padded)
-    out = {k: v for k, v in batch.items() if k not in (*keys, "cu_seqlens", "max_seqlen")}
+    out = {k: v for k, v in batch.items() if k not in (*keys, "cu_seqlens", "max_seqlen", "padding_mask")}
     for key in keys:
         flat = batch[key].reshape(-1)
         full = flat.new_zeros(total)
         full[dest] = flat
         out[key] = full.unsqueeze(0)
+    if "padding_mask" in batch:  # the rows' fill and the padding added here (True = padding)
+        padding = torch.ones(total, dtype=torch.bool)
+        padding[dest] = batch["padding_mask"].reshape(-1)
+        out["padding_mask"] = padding.unsqueeze(0)
     pad_seg = torch.repeat_interleave(torch.arange(len(lengths)), padded)
     in_seg = torch.arange(total) - cu_padded[:-1][pad_seg]
     start_pos = batch["position_ids"].reshape(-1)[cu[:-1]]
@@ -168,7 +172,7 @@ def thd_batch_for_cp_rank(
     out = pad_thd(batch, multiple, total_multiple, keys)
     if cp > 1:
         index = thd_partition_indices(out["cu_seqlens_padded"], out["tokens"].shape[1], cp, cp_rank)
-        for key in keys:
+        for key in (*keys, *(["padding_mask"] if "padding_mask" in out else [])):
             out[key] = out[key].index_select(1, index)
     return out
 
@@ -189,9 +193,10 @@ def thd_unpartition(
     ``parts[r]``: CP rank r's ``[1, T / cp]`` values (all CP ranks, e.g. from an all-gather); ``cu_seqlens`` /
     ``cu_seqlens_padded``: the batch's real and padded segment offsets. Padding tokens are dropped.
     """
+    cu_seqlens, cu_seqlens_padded = cu_seqlens.cpu(), cu_seqlens_padded.cpu()  # index math on the host
     cp, total = len(parts), int(cu_seqlens_padded[-1])
     full = parts[0].new_zeros(total)
     for rank, part in enumerate(parts):
         index = thd_partition_indices(cu_seqlens_padded, total, cp, rank) if cp > 1 else torch.arange(total)
-        full[index] = part.reshape(-1)
-    return full[_real_token_slots(cu_seqlens, cu_seqlens_padded)].unsqueeze(0)
+        full[index.to(full.device)] = part.reshape(-1)
+    return full[_real_token_slots(cu_seqlens, cu_seqlens_padded).to(full.device)].unsqueeze(0)
