@@ -14,6 +14,11 @@ reason when what it needs is not installed (no CUDA device, no Transformer Engin
   distopt_resume    distributed optimizer: 4 steps == 2 steps + stop + resume 2 steps
   bf16_reload       bf16 weights -> HF safetensors -> a fresh model: identical logits; config.json says bf16
   moe_te_alltoall   a tiny MoE with TE and the alltoall dispatcher: equal to allgather, finite gradients
+  moe_grouped_gemm  TE grouped-GEMM experts (HF names mapped) vs SequentialMLP experts on the same HF weights,
+                    packed THD with a padding mask (padding out of the routing statistics)
+  rl_loss_te_thd    the RL loss (PPO clip, KL, TIS, per-token temperatures) and log-probs with TE on packed THD
+                    vs the local spec's block mask: equal loss sum, token count and log-probs (fp32)
+  thd_cp2           2 GPUs: SFT with TE, THD and context parallelism 2 (torchrun, NCCL) vs CP 1 losses
   logprobs_32k      chunked log-probs at T = 32k, V = 152k, H = 4096 (bf16): peak extra memory and time
   sft_1b_mfu        tokens/s and MFU (datasheet and measured peak) of a ~1B model at 8k and 16k packed tokens
 """
@@ -51,6 +56,8 @@ def missing(needs: tuple[str, ...]) -> str | None:
 
     if "cuda" in needs and not torch.cuda.is_available():
         return f"no CUDA device (torch {torch.__version__}, CUDA build {torch.version.cuda})"
+    if "2gpus" in needs and torch.cuda.device_count() < 2:
+        return f"needs 2 GPUs (CP 2 over NCCL), found {torch.cuda.device_count()}"
     if "te" in needs:
         from klong_megatron.megatron import model
 
@@ -106,8 +113,10 @@ def _packed_micro_batch(seq: int = 128) -> dict:
     tokens = torch.randint(0, 256, (2, seq), generator=g)
     pos = torch.cat([torch.arange(50), torch.arange(seq - 50), torch.arange(seq)]).reshape(2, seq)
     cu = torch.tensor([0, 50, seq, 2 * seq], dtype=torch.int32)
+    padding = torch.zeros(2, seq, dtype=torch.bool)
+    padding[0, -8:] = True  # a row's fill (for MoE routing statistics; dense models ignore it)
     return {"tokens": tokens, "labels": tokens.roll(-1, 1), "loss_mask": torch.ones(2, seq), "position_ids": pos,
-            "cu_seqlens": cu, "trajectory_ids": [["a", "b"], ["c"]]}  # fmt: skip
+            "cu_seqlens": cu, "trajectory_ids": [["a", "b"], ["c"]], "padding_mask": padding}  # fmt: skip
 
 
 def _on_gpu(batch: dict) -> dict:
@@ -141,12 +150,14 @@ def te_thd_vs_mask() -> dict:
     return {"status": "pass" if rel < 3e-2 else "fail", "max_rel_diff_bf16_vs_fp32": rel, "tolerance": 3e-2}
 
 
-def _sft_losses(out: Path, overrides: list[str], cpu: bool = False) -> list[float]:
+def _sft_losses(out: Path, overrides: list[str], cpu: bool = False, nproc: int = 1) -> list[float]:
     env = {**os.environ, "OMP_NUM_THREADS": "4"}
     if cpu:
         env["CUDA_VISIBLE_DEVICES"] = ""
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(ROOT / "tests" / "integration" / "sft_driver.py"), str(out), "trainer.train_steps=4",
+    launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                  "--nproc_per_node", str(nproc)]  # fmt: skip
+    cmd = [*launch, str(ROOT / "tests" / "integration" / "sft_driver.py"), str(out), "trainer.train_steps=4",
            "trainer.layout_independent_init=true", *overrides]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env)
     if proc.returncode:
@@ -178,7 +189,10 @@ def sft_te_bf16() -> dict:
 
 @check("distopt_resume", needs=("cuda", "te"), timeout_s=200)
 def distopt_resume() -> dict:
-    common = ["trainer.parallel.use_distributed_optimizer=true", "model.transformer_impl=te"]
+    # the GPU presets' settings: overlapped reduce and param gather, async + fully parallel saves every step
+    common = ["trainer.parallel.use_distributed_optimizer=true", "model.transformer_impl=te", "trainer.save_every=1",
+              "trainer.parallel.overlap_param_gather=true", "trainer.parallel.overlap_grad_reduce=true",
+              "trainer.async_save=true", "trainer.fully_parallel_save=true"]  # fmt: skip
     with tempfile.TemporaryDirectory() as d:
         whole = _sft_losses(Path(d) / "whole", common)
         save = f"trainer.save_dir={Path(d) / 'ckpt'}"
@@ -237,6 +251,86 @@ def moe_te_alltoall() -> dict:
     diff = float((outs[0] - outs[1]).abs().max())
     return {"status": "pass" if grads_finite and diff < 5e-2 else "fail", "alltoall_vs_allgather_max_diff": diff,
             "grads_finite": bool(grads_finite)}  # fmt: skip
+
+
+@check("moe_grouped_gemm", needs=("cuda", "te"))
+def moe_grouped_gemm() -> dict:
+    import torch
+
+    from klong_megatron.megatron.hf import load_hf_weights, save_hf_weights
+    from klong_megatron.megatron.model import build_gpt
+    from klong_megatron.megatron.step import packed_seq_params
+    from klong_megatron.sft.batches import thd_batch_for_cp_rank
+
+    _init()
+    moe = _tiny(num_experts=4, moe_ffn_hidden_size=64, moe_router_topk=2, moe_token_dispatcher="allgather",
+                moe_aux_loss_coeff=0.01, moe_grouped_gemm=True)  # fmt: skip
+    grouped, sequential = build_gpt(moe), build_gpt(replace(moe, moe_grouped_gemm=False))
+    names = {n for n, _ in grouped.named_parameters() if ".experts." in n}
+    with tempfile.TemporaryDirectory() as d:
+        save_hf_weights(grouped, moe, d)
+        load_hf_weights(sequential, d, replace(moe, moe_grouped_gemm=False))
+    b = _on_gpu(thd_batch_for_cp_rank(_packed_micro_batch(), 1, 0))
+    outs = []
+    for m in (grouped, sequential):
+        loss = m(b["tokens"], b["position_ids"], None, labels=b["labels"], packed_seq_params=packed_seq_params(b),
+                 padding_mask=b["padding_mask"])  # fmt: skip
+        loss.float().mean().backward()
+        outs.append(loss.detach().float())
+    grads_finite = all(torch.isfinite(p.grad).all() for p in grouped.parameters() if p.grad is not None)
+    rel = float((outs[0] - outs[1]).abs().max() / outs[1].abs().max())
+    return {"status": "pass" if grads_finite and rel < 1e-3 else "fail", "grouped_vs_sequential_max_rel_diff": rel,
+            "grads_finite": bool(grads_finite), "grouped_expert_names": sorted(names)[:4]}  # fmt: skip
+
+
+@check("rl_loss_te_thd", needs=("cuda", "te"))
+def rl_loss_te_thd() -> dict:
+    import torch
+
+    from klong_megatron.config.grpo import GRPOConfig
+    from klong_megatron.megatron.hf import load_hf_weights, save_hf_weights
+    from klong_megatron.megatron.model import build_gpt
+    from klong_megatron.megatron.rl_loss import make_logprob_forward_step, make_rl_forward_step
+    from klong_megatron.rl.policy import gather_thd_tokens, thd_rl_micro_batch
+
+    _init()
+    te_cfg, local_cfg = _tiny(), _tiny(transformer_impl="local")
+    te, local = build_gpt(te_cfg), build_gpt(local_cfg)
+    with tempfile.TemporaryDirectory() as d:
+        save_hf_weights(te, te_cfg, d)
+        load_hf_weights(local, d, local_cfg)
+    g = torch.Generator().manual_seed(1)
+    batch = _packed_micro_batch()
+    old = -5.0 + 0.5 * torch.randn(2, 128, generator=g)
+    batch |= {"advantages": torch.randn(2, 128, generator=g), "old_logprobs": old, "ref_logprobs": old + 0.1,
+              "rollout_logprobs": old - 0.1, "temperatures": torch.full((2, 128), 0.8)}  # fmt: skip
+    algo = GRPOConfig(kl_coef=0.05, tis_cap=2.0)
+    got = {}
+    for name, model, block_mask in (("te", te, False), ("local", local, True)):
+        model.config.calculate_per_token_loss = True
+        mb = _on_gpu(thd_rl_micro_batch(batch, 1, 0, block_mask=block_mask))
+        hidden, loss_func = make_rl_forward_step(algo)(iter([mb]), model)
+        loss_sum, n, _ = loss_func(hidden)
+        loss_sum.backward()
+        with torch.no_grad():
+            hidden, report = make_logprob_forward_step(chunk_size=64)(iter([mb]), model)
+            logprobs = gather_thd_tokens(report(hidden)[2]["logprobs"], mb, None)
+        got[name] = (float(loss_sum), int(n), logprobs.float())
+    loss_rel = abs(got["te"][0] - got["local"][0]) / abs(got["local"][0])
+    lp_diff = float((got["te"][2] - got["local"][2]).abs().max())
+    ok = loss_rel < 1e-3 and lp_diff < 1e-3 and got["te"][1] == got["local"][1]
+    return {"status": "pass" if ok else "fail", "loss_sum_rel_diff": loss_rel, "logprobs_max_abs_diff": lp_diff,
+            "tokens": got["te"][1]}  # fmt: skip
+
+
+@check("thd_cp2", needs=("cuda", "te", "2gpus"), timeout_s=240)
+def thd_cp2() -> dict:
+    common = ["model.transformer_impl=te", "trainer.packed_format=thd", "trainer.bf16=false"]
+    with tempfile.TemporaryDirectory() as d:
+        cp1 = _sft_losses(Path(d) / "cp1", common)
+        cp2 = _sft_losses(Path(d) / "cp2", [*common, "trainer.parallel.cp=2"], nproc=2)
+    diff = max(abs(a - b) for a, b in zip(cp1, cp2, strict=True))
+    return {"status": "pass" if diff < 1e-3 else "fail", "cp1_losses": cp1, "cp2_losses": cp2, "max_abs_diff": diff}
 
 
 @check("logprobs_32k", needs=("cuda",), timeout_s=120)
@@ -314,7 +408,7 @@ def _summary(result: dict) -> str:
     if "error" in result:
         return result["error"].splitlines()[0][:100]
     keys = [k for k in result if k not in ("status", "traceback", "rows", "cpu_losses", "te_losses", "uninterrupted",
-                                           "resumed")]  # fmt: skip
+                                           "resumed", "cp1_losses", "cp2_losses", "grouped_expert_names")]  # fmt: skip
     return ", ".join(f"{k}={result[k]}" for k in keys)[:160]
 
 
