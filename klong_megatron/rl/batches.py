@@ -6,7 +6,8 @@ with ``rl.partial_rollouts`` the next batch starts when this one is handed to tr
 
 ``RefillBatches`` (``rl.refill.enabled=true``): a rollout service (``rollout/service.py``; in this
 process, or ``klong-rollout-service`` at ``rl.refill.service_url``) keeps ``rollout.concurrency``
-rollouts running over ``output_dir/refill``; group k of stage s is task k mod c of the tasks sampled for
+rollouts running over ``output_dir/refill`` (a rollout's slot is freed when its generation ends; the
+judge grades it beside the slots); group k of stage s is task k mod c of the tasks sampled for
 round k // c (c = ceil(tasks_per_iteration * oversample)), ``rollouts_per_task`` rollouts. An update
 takes the first c complete groups of the group log after ``RLState.groups_taken`` (stage s only with
 ``stage_switch=cancel``; stages <= s with ``finish``, so groups started before a switch are trained in
@@ -96,14 +97,19 @@ def build_rl_service(cfg: RLConfig, out: Path, rollouts: RLRollouts, train_tasks
         meta = {"task": task.task_id, "stage": s, "iteration": rnd, "group": name}
         return [RolloutTask(name, rollouts.prompt(task, stage), k, dict(meta)) for k in range(stage.rollouts_per_task)]
 
-    def rollout_fn_of(s: int) -> Any:
-        return rollouts.rollout_fn(cfg.stages[s], "train")
+    phases: dict[int, Any] = {}  # stage -> (generate, grade): one agent loop per stage
+
+    def phase(s: int, k: int) -> Any:
+        if s not in phases:
+            phases[s] = rollouts.phases(cfg.stages[s], "train")
+        return phases[s][k]
 
     r = cfg.rl.refill
     need = max(groups_per_update(cfg, s, len(train_tasks)) for s in range(len(cfg.stages)))
     fill = math.ceil(cfg.rollout.concurrency / min(st.rollouts_per_task for st in cfg.stages))
-    return RolloutService(out / "refill", groups_of, rollout_fn_of, concurrency=cfg.rollout.concurrency,
-                          max_ahead=r.max_ahead or fill + 2 * need, stage_switch=r.stage_switch)  # fmt: skip
+    return RolloutService(out / "refill", groups_of, lambda s: phase(s, 0), grade_fn_of=lambda s: phase(s, 1),
+                          concurrency=cfg.rollout.concurrency, max_ahead=r.max_ahead or fill + 2 * need,
+                          stage_switch=r.stage_switch)  # fmt: skip
 
 
 class RefillBatches:

@@ -1,11 +1,12 @@
 """Judged rollouts of an RL run: tasks -> agent loop in a sandbox -> judge -> trajectory store.
 
-``rollout_fn(stage, priority)`` builds the function the rollout manager (batch) and the rollout service
-(continuous refill) call per rollout: the agent loop under the stage's timeout and turn limit, its own
-sandbox (demo tasks get their files written in; paper tasks run ``rl/paper_tasks.py``), then the judge at
-``priority``; the trajectory comes back with ``meta.reward`` (or ``reward_excluded`` when the judge could
-not grade enough of the rubric). ``collect`` runs a fixed batch (an evaluation, an iteration without
-refill) and stores it in ``rollouts/<name>.jsonl``, reusing what is already stored.
+``phases(stage, priority)`` builds the two halves of a judged rollout (the rollout service frees the
+rollout slot between them; ``rollout_fn`` chains them for the batch rollout manager): the agent loop
+under the stage's timeout and turn limit in its own sandbox (demo tasks get their files written in;
+paper tasks run ``rl/paper_tasks.py``), then the judge at ``priority``; the trajectory comes back with
+``meta.reward`` (or ``reward_excluded`` when the judge could not grade enough of the rubric).
+``collect`` runs a fixed batch (an evaluation, an iteration without refill) and stores it in
+``rollouts/<name>.jsonl``, reusing what is already stored.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from klong_megatron.data.render import Renderer
 from klong_megatron.data.trajectory import Message, Trajectory, read_trajectories
 from klong_megatron.eval.grading import invalid_fraction
 from klong_megatron.logging import MetricsLogger
-from klong_megatron.rl.paper_tasks import paper_rollout_and_grade
+from klong_megatron.rl.paper_tasks import paper_generate, paper_grade
 from klong_megatron.rl.tasks import SUBMISSION_DIR, RLTask, sample_tasks
 from klong_megatron.rollout.agent import AgentLoop, sandbox_rollout_fn
 from klong_megatron.rollout.manager import RolloutFn, RolloutManager, RolloutTask
+from klong_megatron.rollout.service import GradeFn
 from klong_megatron.rollout.store import TrajectoryStore
 
 
@@ -58,8 +60,9 @@ class RLRollouts:
         )  # fmt: skip
         return AgentLoop(self.services.servers.engine, self.renderer, self.ctx, rcfg)
 
-    def rollout_fn(self, stage: StageConfig, priority: str, temperature: float | None = None) -> RolloutFn:
-        """RolloutTask (``meta.task`` names the RL task) -> judged Trajectory."""
+    def phases(self, stage: StageConfig, priority: str, temperature: float | None = None) -> tuple[RolloutFn, GradeFn]:
+        """(generate, grade): RolloutTask (``meta.task`` names the RL task) -> ungraded Trajectory (agent loop in
+        its own sandbox, released when it returns), and (task, trajectory) -> the judged Trajectory."""
         from klong_megatron.sandbox.tools import ToolSet
 
         agent = self.agent(stage, temperature)
@@ -72,11 +75,16 @@ class RLRollouts:
         run = sandbox_rollout_fn(agent, self.services.pool, lambda sb: ToolSet(sb, tools_cfg), setup)
         svc = self.services
 
-        async def rollout_and_judge(task: RolloutTask) -> Trajectory:
+        async def generate(task: RolloutTask) -> Trajectory:
             rl_task = self.by_id[task.meta["task"]]
-            if rl_task.paper_task is not None:  # own sandbox, blacklist, reproduction step (tasks/, eval/)
-                return await paper_rollout_and_grade(svc, agent, rl_task.paper_task, task, tools_cfg, priority)
-            traj = await run(task)
+            if rl_task.paper_task is not None:  # own sandbox, blacklist (tasks/rollout.py)
+                return await paper_generate(svc, agent, rl_task.paper_task, task, tools_cfg)
+            return await run(task)
+
+        async def grade(task: RolloutTask, traj: Trajectory) -> Trajectory:
+            rl_task = self.by_id[task.meta["task"]]
+            if rl_task.paper_task is not None:  # reproduction step, monitor, judge (eval/grading.py)
+                return await paper_grade(svc, rl_task.paper_task, traj, priority)
             submission = Path(traj.meta["workdir"]) / SUBMISSION_DIR
             submission.mkdir(parents=True, exist_ok=True)  # nothing submitted is graded as empty
             result = await svc.judge.grade(submission, rl_task.rubric, priority=priority, paper=rl_task.paper,
@@ -87,6 +95,15 @@ class RLRollouts:
                              judge_invalid=list(result.invalid), judge_invalid_frac=frac,
                              reward_excluded=frac > self.cfg.rl.max_invalid_frac)  # fmt: skip
             return traj
+
+        return generate, grade
+
+    def rollout_fn(self, stage: StageConfig, priority: str, temperature: float | None = None) -> RolloutFn:
+        """RolloutTask -> judged Trajectory (generate, then grade: one call, as the rollout manager runs it)."""
+        generate, grade = self.phases(stage, priority, temperature)
+
+        async def rollout_and_judge(task: RolloutTask) -> Trajectory:
+            return await grade(task, await generate(task))
 
         return rollout_and_judge
 

@@ -2,7 +2,9 @@
 
 Dataflow: ``control(stage, taken)`` -> new groups of the current stage, in index order, from
 ``groups_of(stage, index)`` (a pure function: a restart draws the same groups) -> their members queue
-FIFO -> ``concurrency`` workers run ``rollout_fn_of(stage)(task)`` (retried like the manager) -> each
+FIFO -> ``concurrency`` workers run ``rollout_fn_of(stage)(task)`` (retried like the manager; with
+``grade_fn_of`` that is the generation only, and ``grade_fn_of(stage)(task, trajectory)`` grades it beside
+the slot, which is free for the next rollout at once: judging never holds a rollout server) -> each
 judged trajectory is appended to ``rollouts.jsonl`` (fsync) -> once every member of a group is stored
 (or failed every attempt) the group gets one line in ``groups.jsonl`` (fsync). That log is the buffer:
 a consumer (the trainer, ``rl/batches.py``) takes complete groups in log order and reports how many log
@@ -36,11 +38,12 @@ import collections
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from klong_megatron.data.trajectory import Trajectory
 from klong_megatron.rollout.manager import RolloutFn, RolloutTask, run_with_retries
 from klong_megatron.rollout.store import TrajectoryStore
 
@@ -49,6 +52,8 @@ STAGE_SWITCH = ("finish", "cancel")
 
 GroupsOf = Callable[[int, int], list[RolloutTask]]
 """(stage, group index) -> the group's member rollouts (ids unique across the run)"""
+GradeFn = Callable[[RolloutTask, Trajectory], Awaitable[Trajectory]]
+"""(task, generated trajectory) -> the judged trajectory"""
 
 
 @dataclass
@@ -60,6 +65,7 @@ class _Group:
     offsets: dict[str, int] = field(default_factory=dict)
     failed: list[str] = field(default_factory=list)
     running: set[asyncio.Task] = field(default_factory=set)
+    grading: set[asyncio.Task] = field(default_factory=set)
 
 
 def read_group_log(path: str | Path, start: int = 0) -> list[dict[str, Any]]:
@@ -85,13 +91,14 @@ class RolloutService:
         max_ahead: int,
         stage_switch: str = "finish",
         max_retries: int = 2,
+        grade_fn_of: Callable[[int], GradeFn] | None = None,
     ) -> None:
         if concurrency < 1 or max_ahead < 1:
             raise ValueError(f"concurrency and max_ahead must be >= 1, got {concurrency}, {max_ahead}")
         if stage_switch not in STAGE_SWITCH:
             raise ValueError(f"stage_switch must be one of {STAGE_SWITCH}, got {stage_switch!r}")
         self.dir = Path(dir)
-        self.groups_of, self.rollout_fn_of = groups_of, rollout_fn_of
+        self.groups_of, self.rollout_fn_of, self.grade_fn_of = groups_of, rollout_fn_of, grade_fn_of
         self.concurrency, self.max_ahead, self.stage_switch = concurrency, max_ahead, stage_switch
         self.max_retries = max_retries
         self.store = TrajectoryStore(self.dir / "rollouts.jsonl")
@@ -105,6 +112,7 @@ class RolloutService:
         self._groups: dict[str, _Group] = {}
         self._queue: collections.deque[tuple[_Group, RolloutTask]] = collections.deque()
         self._fns: dict[int, RolloutFn] = {}
+        self._grade_fns: dict[int, GradeFn] = {}
         self._wake = asyncio.Event()
         self._workers: list[asyncio.Task] = []
         self.finished = self.failed = 0
@@ -136,9 +144,10 @@ class RolloutService:
 
     async def close(self) -> None:
         """Cancel the workers (running rollouts are dropped; a restart resumes their groups)."""
-        for w in self._workers:
+        grading = [t for g in self._groups.values() for t in g.grading]
+        for w in self._workers + grading:
             w.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)  # errors were reported by _worker_done
+        await asyncio.gather(*self._workers, *grading, return_exceptions=True)  # errors: reported by _worker_done
         self._workers = []
 
     async def control(self, stage: int | None = None, taken: int | None = None) -> dict[str, Any]:
@@ -149,7 +158,7 @@ class RolloutService:
             self.stage = stage
             if self.stage_switch == "cancel":
                 for group in [g for g in self._groups.values() if g.stage < stage]:
-                    for t in group.running:
+                    for t in group.running | group.grading:
                         t.cancel()
                     self._close_group(group, "cancelled")
         self._save_control()
@@ -159,9 +168,11 @@ class RolloutService:
     def status(self) -> dict[str, Any]:
         """Counters for monitoring and tests (JSON-serialisable)."""
         running = sum(len(g.running) for g in self._groups.values())
+        grading = sum(len(g.grading) for g in self._groups.values())
         return {
             "stage": self.stage, "taken": self.taken, "logged": len(self.logged), "in_progress": len(self._groups),
-            "running": running, "queued": len(self._queue), "stored": len(self.store), "finished": self.finished,
+            "running": running, "grading": grading, "queued": len(self._queue), "stored": len(self.store),
+            "finished": self.finished,
             "failed": self.failed, "concurrency": self.concurrency, "max_ahead": self.max_ahead,
             "workers": sum(not w.done() for w in self._workers), "errors": self.errors[-5:],
         }  # fmt: skip
@@ -226,19 +237,41 @@ class RolloutService:
                 continue  # its group was cancelled by a stage switch
             finally:
                 group.running.discard(child)
-            if group.name not in self._groups:
+            if traj is not None and self.grade_fn_of is not None and group.name in self._groups:
+                grading = asyncio.create_task(self._grade(group, task, traj))  # beside the slot: next rollout now
+                group.grading.add(grading)
+                grading.add_done_callback(group.grading.discard)
                 continue
-            if traj is None:
-                group.failed.append(task.id)
-                self.failed += 1
-                log.warning("rollout %s failed every attempt: %s", task.id, errors[-1])
-            else:
-                group.offsets[task.id] = await asyncio.to_thread(self.store.append, traj.to_json())
-                self.finished += 1
-            if group.name not in self._groups:  # cancelled by a stage switch while it was being stored
-                continue
-            if len(group.offsets) + len(group.failed) == len(group.members):
-                self._close_group(group, "complete")
+            await self._finish(group, task, traj, errors[-1] if errors else "")
+
+    async def _grade(self, group: _Group, task: RolloutTask, traj: Trajectory) -> None:
+        """Grade a generated rollout outside its slot (retried ``max_retries`` times), then store it."""
+        assert self.grade_fn_of is not None
+        if group.stage not in self._grade_fns:
+            self._grade_fns[group.stage] = self.grade_fn_of(group.stage)
+        judged, error = None, ""
+        for attempt in range(self.max_retries + 1):
+            try:
+                judged = await self._grade_fns[group.stage](task, traj)
+                break
+            except Exception as e:  # the judge failed: grade the same rollout again
+                error = f"grading {task.id} attempt {attempt + 1}/{self.max_retries + 1}: {type(e).__name__}: {e}"
+                log.warning(error)
+        await self._finish(group, task, judged, error)
+
+    async def _finish(self, group: _Group, task: RolloutTask, traj: Trajectory | None, error: str) -> None:
+        """Store a judged rollout (or count a failed one); log its group once every member is done."""
+        if group.name not in self._groups:  # cancelled by a stage switch meanwhile
+            return
+        if traj is None:
+            group.failed.append(task.id)
+            self.failed += 1
+            log.warning("rollout %s failed every attempt: %s", task.id, error)
+        else:
+            group.offsets[task.id] = await asyncio.to_thread(self.store.append, traj.to_json())
+            self.finished += 1
+        if group.name in self._groups and len(group.offsets) + len(group.failed) == len(group.members):
+            self._close_group(group, "complete")
 
 
 def _group_name(members: list[RolloutTask]) -> str:

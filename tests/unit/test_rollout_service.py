@@ -227,3 +227,44 @@ def test_a_worker_error_is_reported_in_the_status(tmp_path: Path) -> None:
 
     status = asyncio.run(main())
     assert status["errors"] and "no stage 1" in status["errors"][0]
+
+
+def test_grading_beside_the_slot_frees_it_for_the_next_rollout(tmp_path: Path) -> None:
+    """With ``grade_fn_of`` a slow judge never holds a rollout slot: generation keeps ``concurrency``
+    rollouts running while more are being graded, and a grade failure is retried on the same rollout."""
+    double = _DoubleRollouts(delay=lambda t: 0.02)
+    graded: list[str] = []
+    failures = {"stage0_group00000/t0/0": 1}  # its first grading attempt fails
+
+    def grade_fn_of(stage: int):
+        async def grade(task: RolloutTask, traj: Trajectory) -> Trajectory:
+            await asyncio.sleep(0.3)  # the judge is slower than generation
+            if failures.get(task.id, 0) > 0:
+                failures[task.id] -= 1
+                raise RuntimeError("judge endpoint down")
+            graded.append(task.id)
+            traj.meta["graded"] = True
+            return traj
+
+        return grade
+
+    peak_grading = 0
+
+    async def main() -> RolloutService:
+        nonlocal peak_grading
+        svc = RolloutService(tmp_path, _groups_of, double.fn_of, grade_fn_of=grade_fn_of, concurrency=2,
+                             max_ahead=6, max_retries=1)  # fmt: skip
+        await svc.start()
+        while len(svc.logged) < 6:
+            peak_grading = max(peak_grading, svc.status()["grading"])
+            await asyncio.sleep(0.005)
+        await svc.close()
+        return svc
+
+    svc = asyncio.run(main())
+    assert peak_grading > 2  # more rollouts in grading than there are slots: the slots went on generating
+    assert double.peak <= 2
+    assert all(e["status"] == "complete" and len(e["ids"]) == N for e in svc.logged)
+    records = [json.loads(line) for line in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
+    assert records and all(r["meta"]["graded"] for r in records)
+    assert "stage0_group00000/t0/0" in graded and failures["stage0_group00000/t0/0"] == 0
