@@ -3,8 +3,9 @@
     .venv/bin/python benchmarks/convert.py [--layers 16] [--hidden 1024] [--ffn 4096] [--vocab 65536]
 
 Writes the HF folder (random weights, written tensor by tensor), then runs each step in a fresh process and
-reports its wall time and peak RSS (``ru_maxrss``); "extra" is over the ``baseline`` process (same imports,
-process group and meta model, no tensors). Steps: ``hf-to-dist`` and ``dist-to-hf`` (the CLI), and
+reports its wall time and peak RSS (VmHWM); "extra" is over the ``baseline`` process (same imports,
+process group and meta model, no tensors). Steps: ``hf-to-dist`` and ``dist-to-hf`` (the CLI; also with
+64 MiB read batches), and
 ``whole-model`` (what a conversion in one process costs without streaming: build the model at TP 1, load
 the HF weights, save the dist checkpoint). The largest group is the padded embedding with its HF source.
 """
@@ -34,10 +35,11 @@ def model_cfg(a: argparse.Namespace) -> ModelConfig:
 def write_hf(cfg: ModelConfig, out: Path) -> int:
     """A random bf16 HF checkpoint of ``cfg`` (names and shapes from the mapping on a meta model); its bytes."""
     from klong_megatron.config.trainer import ParallelConfig
-    from klong_megatron.megatron.convert import _SafetensorsFile, meta_model
+    from klong_megatron.megatron.convert import meta_model
     from klong_megatron.megatron.hf import hf_config
     from klong_megatron.megatron.hf_map import exported_names, group_to_hf, hf_group
     from klong_megatron.megatron.parallel import destroy_distributed, init_distributed
+    from klong_megatron.megatron.safetensors_io import SafetensorsWriter
 
     init_distributed(ParallelConfig(), seed=0)
     params = dict(meta_model(cfg, torch.bfloat16).state_dict())
@@ -45,7 +47,7 @@ def write_hf(cfg: ModelConfig, out: Path) -> int:
     metas = {k: t for n in names for k, t in group_to_hf(hf_group(n, cfg, params), params[n], cfg).items()}
     destroy_distributed()
     out.mkdir(parents=True)
-    f = _SafetensorsFile(out / "model.safetensors", [(k, tuple(t.shape), t.dtype) for k, t in metas.items()])
+    f = SafetensorsWriter(out / "model.safetensors", [(k, tuple(t.shape), t.dtype) for k, t in metas.items()])
     gen = torch.Generator().manual_seed(0)
     for k, t in metas.items():
         f.write(k, (torch.randn(t.shape, generator=gen) * 0.02).to(torch.bfloat16))
@@ -53,14 +55,24 @@ def write_hf(cfg: ModelConfig, out: Path) -> int:
     return sum(t.numel() * 2 for t in metas.values())
 
 
+def peak_rss() -> int:
+    """This process's peak resident bytes: VmHWM (per exec'd image; ``ru_maxrss`` keeps the forking parent's)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def child(mode: str, work: Path, cfg_json: str) -> None:
     """One measured step in this process; prints {"rss": bytes}."""
     cfg = ModelConfig(**json.loads(cfg_json))
-    if mode in ("hf-to-dist", "dist-to-hf"):
+    if mode.startswith(("hf-to-dist", "dist-to-hf")):
         from klong_megatron.cli.convert import main
 
-        src, dst = (work / "hf", work / "dist") if mode == "hf-to-dist" else (work / "dist", work / "back")
-        main([mode, str(src), str(dst)])
+        command, *flags = mode.split()
+        back = work / f"back{len(flags)}"
+        src, dst = (work / "hf", work / "dist") if command == "hf-to-dist" else (work / "dist", back)
+        main([command, str(src), str(dst), *flags])
     else:
         from klong_megatron.config.trainer import ParallelConfig
         from klong_megatron.megatron import checkpoint as ckpt
@@ -76,7 +88,7 @@ def child(mode: str, work: Path, cfg_json: str) -> None:
             load_hf_weights(model, work / "hf", cfg)
             ckpt.save_checkpoint(work / "whole", model, None, None, ckpt.TrainState())
         destroy_distributed()
-    print(json.dumps({"rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+    print(json.dumps({"rss": peak_rss()}))
 
 
 def main() -> None:
@@ -100,7 +112,7 @@ def main() -> None:
               f"(embedding + its HF source): {group / 2**20:.0f} MiB")  # fmt: skip
         print("| step | wall s | peak RSS MiB | extra over baseline MiB |\n|---|---:|---:|---:|")
         base = 0
-        for mode in ("baseline", "hf-to-dist", "dist-to-hf", "whole-model"):
+        for mode in ("baseline", "hf-to-dist", "dist-to-hf", "dist-to-hf --batch-mb 64", "whole-model"):
             start = time.perf_counter()
             cmd = [sys.executable, __file__, "--child", mode, str(work), json.dumps(asdict(cfg))]
             proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -111,7 +123,7 @@ def main() -> None:
             print(f"| {mode} | {time.perf_counter() - start:.1f} | {rss / 2**20:.0f} | {(rss - base) / 2**20:.0f} |")
         from klong_megatron.megatron.hf import SafetensorsDir
 
-        src, back = SafetensorsDir(work / "hf"), SafetensorsDir(work / "back")
+        src, back = SafetensorsDir(work / "hf"), SafetensorsDir(work / "back0")
         exact = set(src) == set(back) and all(torch.equal(src[k], back[k]) for k in src)
         print(f"hf -> dist -> hf bit-exact: {exact}")
 

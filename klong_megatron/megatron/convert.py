@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -56,8 +55,7 @@ from klong_megatron.megatron import checkpoint as ckpt
 from klong_megatron.megatron.hf import SafetensorsDir
 from klong_megatron.megatron.hf_map import exported_names, group_to_hf, group_to_megatron, hf_group, is_weight
 from klong_megatron.megatron.model import build_gpt
-
-_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
+from klong_megatron.megatron.safetensors_io import SafetensorsWriter
 
 
 def meta_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -204,30 +202,6 @@ def _read_params(path: Path, pieces: dict[str, list], metas: dict[str, torch.Ten
     return out
 
 
-class _SafetensorsFile:
-    """A safetensors file written front to back: header from the planned entries, then tensor after tensor."""
-
-    def __init__(self, path: Path, entries: list[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
-        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for name, shape, dtype in entries:
-            n = torch.Size(shape).numel() * dtype.itemsize
-            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-            offset += n
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.file = path.open("wb")
-        self.file.write(struct.pack("<Q", len(raw)) + raw)
-        self.pending = list(reversed(entries))
-
-    def write(self, name: str, t: torch.Tensor) -> None:
-        expected = self.pending.pop()
-        assert expected == (name, tuple(t.shape), t.dtype), (expected, name, t.shape, t.dtype)
-        self.file.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
-        if not self.pending:
-            self.file.close()
-
-
 def _plan_files(entries: list[tuple[str, tuple[int, ...], torch.dtype]], max_bytes: int) -> list[list]:
     files: list[list] = [[]]
     size = 0
@@ -293,7 +267,7 @@ def dist_to_hf(
         index = {"metadata": {"total_size": sum(torch.Size(s).numel() * d.itemsize for _, s, d in entries)},
                  "weight_map": {e[0]: f for f, p in zip(files, plan, strict=True) for e in p}}  # fmt: skip
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    writers = iter(_SafetensorsFile(out / f, p) for f, p in zip(files, plan, strict=True))
+    writers = iter(SafetensorsWriter(out / f, p) for f, p in zip(files, plan, strict=True))
     current = next(writers)
     stats: dict[str, object] = {"tensors": 0, "bytes": 0, "dtype": str(metas[names[0]].dtype).removeprefix("torch.")}
     for batch in _batches(names, metas, batch_bytes):

@@ -47,12 +47,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from klong_megatron.config.model import ModelConfig
@@ -71,11 +69,20 @@ from klong_megatron.megatron.hf_map import (
     megatron_to_hf,
     split_qkv,
 )
+from klong_megatron.megatron.safetensors_io import SafetensorsDir
 
 _DENSE = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 _MOE = ("Qwen3MoeForCausalLM", "Glm4MoeForCausalLM")
 _SUPPORTED = _DENSE + _MOE
-__all__ = ["expert_weight_names", "fuse_qkv", "hf_to_megatron", "layer_to_hf", "megatron_to_hf", "split_qkv"]
+__all__ = [
+    "SafetensorsDir",
+    "expert_weight_names",
+    "fuse_qkv",
+    "hf_to_megatron",
+    "layer_to_hf",
+    "megatron_to_hf",
+    "split_qkv",
+]
 
 
 def model_config_from_hf(hf_dir: str | Path, seq_length: int | None = None) -> ModelConfig:
@@ -165,26 +172,6 @@ def _moe_fields_from_hf(c: dict[str, Any], arch: str, hf_dir: str | Path) -> dic
             rotary_percent=float(rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 0.5))),
         )
     return out
-
-
-class SafetensorsDir(Mapping[str, torch.Tensor]):
-    """The tensors of an HF folder's ``*.safetensors`` files, each read from disk when it is looked up
-    (safetensors' lazy ``safe_open``): a process holds only the tensors it asked for."""
-
-    def __init__(self, hf_dir: str | Path) -> None:
-        files = sorted(Path(hf_dir).glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no *.safetensors files in {hf_dir}")
-        self._where = {k: h for h in (safe_open(str(f), framework="pt") for f in files) for k in h.keys()}  # noqa: SIM118
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return self._where[name].get_tensor(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
