@@ -13,17 +13,20 @@ names and Megatron's own ``sharded_state_dict``, no memory) -> per Megatron para
   one thread writes items one by one in plan order). The result is what ``save_checkpoint`` writes for the
   model: ``init_from_checkpoint`` / ``load_checkpoint`` load it at any TP / PP / EP (resharded on load).
 - dist-to-hf: the safetensors headers are computed first (the conversion run on meta tensors), then
-  parameters are loaded in batches of at most ``batch_bytes`` (``dist_checkpointing.load`` of a partial
-  state dict reads only those tensors), converted and appended to the open safetensors file; files are cut
-  at ``max_shard_bytes`` with a ``model.safetensors.index.json`` as ``save_pretrained`` writes.
+  parameters are read in batches of at most ``batch_bytes`` (a torch DCP load plan for just their slices of
+  the stored, layer-stacked tensors: Megatron's own ``load`` insists on whole stacked tensors), converted and
+  appended to the open safetensors file; files are cut at ``max_shard_bytes`` with a
+  ``model.safetensors.index.json`` as ``save_pretrained`` writes.
 
-Memory: peak extra RSS is one group (hf-to-dist: the group's HF tensors + its Megatron tensor, e.g. the
-padded embedding, or q/k/v + ``linear_qkv``) or, for dist-to-hf, ``max(largest parameter, batch_bytes)``
-twice (loaded + converted), never the model (measured: ``benchmarks/convert.py``).
+Memory: peak extra RSS is one group for hf-to-dist (the group's HF tensors + its Megatron tensor, e.g. the
+padded embedding, or q/k/v + ``linear_qkv``, plus the writer's copy of one tensor) and ``max(largest parameter,
+batch_bytes)`` plus one tensor being written for dist-to-hf; never the model. Safetensors go through plain file
+I/O (``safetensors_io``), not mmap. Measured: ``benchmarks/convert.py`` (table in the README).
 
-Limits: SequentialMLP experts only on the Megatron side of a checkpoint built here (``moe_grouped_gemm``
-checkpoints have other keys); the vocabulary is padded as ``cfg`` says (``make_vocab_size_divisible_by``;
-multiply it by the training TP, as ``build_gpt`` does); GLM's MTP layers are not converted (see ``hf.py``).
+Limits: the meta model is built from ``cfg`` (its spec decides the checkpoint keys; checkpoints of the TE
+spec or grouped-GEMM experts are untested here: no GPU); one process only; the vocabulary is padded as ``cfg``
+says (``make_vocab_size_divisible_by``; multiply it by the training TP, as ``build_gpt`` does); GLM's MTP layers
+are not converted (see ``hf.py``).
 """
 
 from __future__ import annotations

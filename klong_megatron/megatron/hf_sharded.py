@@ -15,6 +15,10 @@ Memory: a rank holds its own shards plus one unit at full size (the largest: an 
 its experts); no rank ever holds the whole model. Names and values equal ``hf.hf_tensors`` of the
 same weights in one process (tested under torchrun at TP 2, PP 2 and EP 2).
 
+The other direction (``hf.load_hf_weights`` at any layout) uses :func:`global_params` (this rank's
+weights under global names, with their full shapes) and :func:`local_shard` (this rank's TP slice of a
+full tensor): no communication, each rank reads only its own groups.
+
 Limits: ``moe_grouped_gemm=False`` (SequentialMLP experts); context parallelism does not shard weights
 and is ignored; virtual pipeline stages are not supported.
 """
