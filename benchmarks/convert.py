@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -55,14 +54,6 @@ def write_hf(cfg: ModelConfig, out: Path) -> int:
     return sum(t.numel() * 2 for t in metas.values())
 
 
-def peak_rss() -> int:
-    """This process's peak resident bytes: VmHWM (per exec'd image; ``ru_maxrss`` keeps the forking parent's)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def child(mode: str, work: Path, cfg_json: str) -> None:
     """One measured step in this process; prints {"rss": bytes}."""
     cfg = ModelConfig(**json.loads(cfg_json))
@@ -88,7 +79,9 @@ def child(mode: str, work: Path, cfg_json: str) -> None:
             load_hf_weights(model, work / "hf", cfg)
             ckpt.save_checkpoint(work / "whole", model, None, None, ckpt.TrainState())
         destroy_distributed()
-    print(json.dumps({"rss": peak_rss()}))
+    from klong_megatron.cli.convert import peak_rss_bytes
+
+    print(json.dumps({"rss": peak_rss_bytes()}))
 
 
 def main() -> None:

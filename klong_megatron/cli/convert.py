@@ -32,6 +32,15 @@ _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _WEIGHTS = (".safetensors", ".safetensors.index.json", ".bin", ".pt")
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: VmHWM (``ru_maxrss`` keeps a forking parent's peak), else ru_maxrss."""
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.exists() else ():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="klong-convert", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -160,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         stats = (_hf_to_dist if args.command == "hf-to-dist" else _dist_to_hf)(args)
     finally:
         destroy_distributed()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    rss = peak_rss_bytes() / 2**30
     print(f"klong-convert {args.command}: {stats['tensors']} tensors, {stats['bytes'] / 2**30:.3f} GiB -> "
           f"{stats['out']} in {time.perf_counter() - start:.1f} s (peak RSS {rss:.2f} GiB)", flush=True)  # fmt: skip
 
