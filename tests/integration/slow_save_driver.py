@@ -19,17 +19,19 @@ from pathlib import Path
 from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
 _write = FileSystemWriterAsync.write_preloaded_data
+_DELAY_S = [0.0]  # read from argv in main(): the runs below replace sys.argv before any writer starts
 
 
 def _slow_write(*args, **kwargs):
     result = _write(*args, **kwargs)
     print(f"checkpoint writer {os.getpid()} wrote its files", flush=True)
-    time.sleep(float(sys.argv[1]))
+    time.sleep(_DELAY_S[0])
     return result
 
 
 def main() -> None:
     FileSystemWriterAsync.write_preloaded_data = staticmethod(_slow_write)
+    _DELAY_S[0] = float(sys.argv[1])
     mode, rest = sys.argv[2], sys.argv[3:]
     if mode == "cli":
         from klong_megatron.cli.sft import main as cli_main

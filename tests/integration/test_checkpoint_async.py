@@ -63,8 +63,12 @@ def test_run_killed_during_a_background_save_resumes_from_the_last_complete_chec
     proc = _start([sys.executable, str(SLOW_SAVE), "6", "tiny", *tiny])
     # iter_2 published when the step-4 save starts (one in flight); step 5 trains while iter_4 is written
     out = _signal_group_when(proc, signal.SIGKILL, "saved checkpoint", "writing checkpoint", "train step      5")
-    assert "saved checkpoint" not in out.split("train step      4")[-1], out[-3000:]
     ckpt = tmp_path / "checkpoints"
+    step2, step4 = ckpt / "iter_0000002", ckpt / "iter_0000004"
+    # steps 3 and 4 trained while iter_2 was being written (a synchronous save publishes it before step 3)
+    started, published = out.index(f"writing checkpoint {step2}"), out.index(f"saved checkpoint {step2}")
+    assert started < out.index("train step      3") < out.index("train step      4") < published
+    assert f"saved checkpoint {step4}" not in out, out[-3000:]
     assert (ckpt / "latest").read_text() == "2", out[-3000:]
     assert not (ckpt / "iter_0000004").exists()
     half = ckpt / "iter_0000004.partial"
