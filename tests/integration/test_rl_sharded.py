@@ -78,6 +78,12 @@ def _unsharded_checksums(cfg, checkpoint: Path) -> dict[str, str]:
         destroy_distributed()
 
 
+def _first_error(log: str) -> str:
+    """The first traceback in the ranks' interleaved output (the rank that failed first) and the tail."""
+    i = log.find("Traceback")
+    return (log[i : i + 5000] if i >= 0 else "") + "\n[...]\n" + log[-2500:]
+
+
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_sharded_rl_iteration_leaves_the_server_on_the_trained_weights(layout: str, tmp_path: Path) -> None:
     trainer, model = LAYOUTS[layout]
@@ -93,10 +99,13 @@ def test_sharded_rl_iteration_leaves_the_server_on_the_trained_weights(layout: s
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "klong_megatron.cli.rl", *RUN, *trainer, *model, "rollout.engine=sglang",
                f"rollout.servers=[{server.url}]", f"output_dir={out}", f"hydra.run.dir={out}/hydra"]  # fmt: skip
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        # megatron-core wraps small MoE router/expert helpers in torch.compile (its jit_fuser); on the loaded CPU one
+        # run in four died inside that compile on the MoE stage. Eager mode computes the same; the test is the run.
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHDYNAMO_DISABLE": "1"}
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env)
         log = proc.stdout + proc.stderr
-        assert proc.returncode == 0, log[-6000:]
+        (tmp_path / "run.log").write_text(log)
+        assert proc.returncode == 0, _first_error(log)
         served = {k: tensor_checksum(v) for k, v in server.model.named_tensors().items()}
         version = server.model.weight_version
     finally:
