@@ -10,8 +10,10 @@ picks a free port). Flags mirror ``DevServerConfig`` (rollout.devserver in the H
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import logging
+import os
 import signal
 import sys
 
@@ -38,7 +40,19 @@ def _parse(argv: list[str] | None) -> DevServerConfig:
 
 
 @one_line_errors("klong-devserver")
+def _exit_with_parent() -> None:
+    """Started by an RL run (``KLONG_PARENT_PID``, rl/servers.py): SIGTERM when that process dies, however it
+    dies (Linux ``PR_SET_PDEATHSIG``), so a killed or crashed run leaves no server behind."""
+    parent = os.environ.get("KLONG_PARENT_PID")
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != int(parent):  # the run died before prctl took effect
+        sys.exit(0)
+
+
 def main(argv: list[str] | None = None) -> None:
+    _exit_with_parent()
     cfg = _parse(argv)
     # Requests are served from handler threads; torch's intra-op pool then competes with itself
     # (measured: a tiny model generates 2x slower in a non-main thread with 2 threads than with 1).

@@ -34,7 +34,11 @@ class DevServerProcess:
             "--tokenizer", str(model_dir), "--port", "0", "--threads", str(threads), "--seed", str(seed),
         ]  # fmt: skip
         self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ | {"PYTHONUNBUFFERED": "1"}
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=os.environ | {"PYTHONUNBUFFERED": "1", "KLONG_PARENT_PID": str(os.getpid())},
         )
         self.log: list[str] = []
         self.url = self._wait_ready(startup_s)
