@@ -1,5 +1,6 @@
-"""``klong-rl`` with a sharded policy under torchrun (2 ranks, gloo): TP 2 (tiny dense) and PP 2 (tiny
-GLM-shaped MoE, the windows through Megatron's pipeline schedule).
+"""``klong-rl`` with a sharded policy under torchrun (2 ranks, gloo): TP 2 (tiny dense), PP 2 (tiny
+GLM-shaped MoE, the windows through Megatron's pipeline schedule) and EP 2 (the same MoE, experts split over
+the two data-parallel ranks).
 
 One RL iteration against a ``klong-devserver`` started here (rollouts, judge and weight pushes on
 rank 0; every rank trains and streams its shards into the broadcast push, ``rl.weight_sync=distributed``
@@ -58,7 +59,11 @@ MOE = [  # GLM-4.5-shaped: dense first layer, shared expert, sigmoid router with
     "model.moe_router_expert_bias=true", "model.moe_token_dispatcher=allgather", "model.rotary_percent=0.5",
     "model.qkv_bias=true",
 ]  # fmt: skip
-LAYOUTS = {"tp2": (["trainer.parallel.tp=2"], []), "pp2_moe": (["trainer.parallel.pp=2"], MOE)}
+LAYOUTS = {
+    "tp2": (["trainer.parallel.tp=2"], []),
+    "pp2_moe": (["trainer.parallel.pp=2"], MOE),
+    "ep2_moe": (["trainer.parallel.ep=2"], MOE),  # DP 2: each rank trains its own rows and holds 2 of the 4 experts
+}
 """layout -> (trainer overrides, model overrides)"""
 TOKENIZER = "demo_bpe"  # rl_demo's
 
