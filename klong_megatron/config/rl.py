@@ -107,6 +107,9 @@ class HealthConfig:
     """An iteration's mean reward below (1 - reward_drop) x the stage's best so far is a collapse."""
     min_best_reward: float = 0.05
     """The reward-drop test waits until the stage's best mean reward reaches this."""
+    eval_drop: float | None = 0.5
+    """A stage's held-out score below (1 - eval_drop) x the best held-out score so far (after SFT included)
+    is a collapse (catches one that ends a stage, which the per-stage reward reference cannot see)."""
     lr_factor: float = 0.5
     """rollback: the learning rate is multiplied by this."""
     max_rollbacks: int = 2
@@ -120,8 +123,9 @@ class HealthConfig:
         for name in ("max_kl", "max_entropy_ratio"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"rl.health.{name} must be > 0 or null, got {getattr(self, name)}")
-        if self.reward_drop is not None and not 0 < self.reward_drop <= 1:
-            raise ValueError(f"rl.health.reward_drop must be in (0, 1] or null, got {self.reward_drop}")
+        for name in ("reward_drop", "eval_drop"):
+            if getattr(self, name) is not None and not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"rl.health.{name} must be in (0, 1] or null, got {getattr(self, name)}")
         if not 0 < self.lr_factor <= 1:
             raise ValueError(f"rl.health.lr_factor must be in (0, 1], got {self.lr_factor}")
         if self.max_rollbacks < 0:

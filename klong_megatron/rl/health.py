@@ -13,7 +13,9 @@ Signals (each disabled by null):
 - entropy spike: the update's entropy above ``max_entropy_ratio`` x the entropy of the first update;
 - reward drop: the iteration's mean reward below ``(1 - reward_drop)`` x the best mean reward of the
   stage so far (only once that best is at least ``min_best_reward``; the first iteration of a stage has
-  nothing to compare with).
+  nothing to compare with);
+- held-out drop (``check_eval``, after each stage's evaluation): the score below ``(1 - eval_drop)`` x the
+  best held-out score so far (after SFT included; only once that best is at least ``min_best_reward``).
 
 Pure: no torch, no I/O. The monitor's state is a plain dict (kept in ``rl_state.json`` for resume).
 """
@@ -79,6 +81,15 @@ class HealthMonitor:
                     )
             st["best_reward"] = reward if best is None else max(best, reward)
         return reasons
+
+    def check_eval(self, label: str, score: float, best: float | None) -> list[str]:
+        """Reasons a held-out ``score`` (evaluation ``label``) looks collapsed against the run's ``best``."""
+        c = self.cfg
+        if c.eval_drop is None or best is None or best < c.min_best_reward or score >= (1.0 - c.eval_drop) * best:
+            return []
+        return [
+            f"held-out drop: {label} scored {score:.3f} < (1 - rl.health.eval_drop {c.eval_drop}) x best {best:.3f}"
+        ]
 
     def after_rollback(self) -> None:
         """Count a rollback; the stall counter restarts (the references stay)."""

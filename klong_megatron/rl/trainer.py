@@ -166,6 +166,8 @@ class RLTrainer:
         t0 = time.perf_counter()
         score = await self.evaluate(f"stage{s}", stage)
         self._add_wall(f"stage{s}", t0)
+        reasons = self.health.check_eval(f"stage{s}", score, self.state.best.get("score"))
+        await self._act(reasons, s, stage.iterations - 1, f"stage {s} evaluation", {})
         if score >= self.state.best.get("score", -1.0):
             self.state.best = {"score": score, "version": st.version, "label": f"stage{s}"}
             self._mark_best()
@@ -178,10 +180,13 @@ class RLTrainer:
         After a rollback the rollouts already made for later updates are discarded (they came from the
         collapsed policy). Raises RLHealthError for ``stop``."""
         reasons = self.health.check(s, metrics)
-        action = self.health.action(reasons)
         metrics |= {"health/tripped": float(bool(reasons)), "health/rollbacks": self.health.state.get("rollbacks", 0)}
         self.state.save(self.state_path)
-        where, text = f"stage {s} iteration {i}", "; ".join(reasons)
+        await self._act(reasons, s, i, f"stage {s} iteration {i}", metrics)
+
+    async def _act(self, reasons: list[str], s: int, i: int, where: str, metrics: dict[str, float]) -> None:
+        """``rl.health.action`` on ``reasons`` found after iteration ``i`` of stage ``s`` (none: nothing)."""
+        action, text = self.health.action(reasons), "; ".join(reasons)
         if action == "ok":
             return
         if action == "warn":

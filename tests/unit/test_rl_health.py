@@ -76,9 +76,22 @@ def test_state_is_a_plain_dict_that_resumes() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("action", "panic"), ("stall_iterations", 0), ("max_kl", 0.0), ("reward_drop", 1.5), ("lr_factor", 0.0),
-     ("max_rollbacks", -1)],
+    [("action", "panic"), ("stall_iterations", 0), ("max_kl", 0.0), ("reward_drop", 1.5), ("eval_drop", 0.0),
+     ("lr_factor", 0.0), ("max_rollbacks", -1)],
 )  # fmt: skip
 def test_config_rejects_bad_values_naming_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"rl.health.{field}"):
         HealthConfig(**{field: value})
+
+
+def test_held_out_drop_at_a_stage_end() -> None:
+    """lr 6e-4 on the demo: held-out 0.223 after SFT, 0.000 after stage 0, while the per-stage reward reference
+    (reset at the stage switch) and the stall count (3 iterations) had not tripped yet."""
+    mon = HealthMonitor(HealthConfig())
+    assert mon.check_eval("stage0", 0.395, 0.223) == []  # better than the best: healthy
+    assert mon.check_eval("stage0", 0.15, 0.223) == []  # within (1 - 0.5) x best
+    (reason,) = mon.check_eval("stage0", 0.0, 0.223)
+    assert reason.startswith("held-out drop: stage0 scored 0.000") and "best 0.223" in reason
+    assert mon.check_eval("stage0", 0.0, 0.04) == []  # best below min_best_reward: nothing to compare with
+    assert mon.check_eval("stage0", 0.0, None) == []
+    assert HealthMonitor(HealthConfig(eval_drop=None)).check_eval("stage0", 0.0, 0.223) == []
