@@ -39,7 +39,6 @@ def _parse(argv: list[str] | None) -> DevServerConfig:
         raise
 
 
-@one_line_errors("klong-devserver")
 def _exit_with_parent() -> None:
     """Started by an RL run (``KLONG_PARENT_PID``, rl/servers.py): SIGTERM when that process dies, however it
     dies (Linux ``PR_SET_PDEATHSIG``), so a killed or crashed run leaves no server behind."""
@@ -51,6 +50,7 @@ def _exit_with_parent() -> None:
         sys.exit(0)
 
 
+@one_line_errors("klong-devserver")
 def main(argv: list[str] | None = None) -> None:
     _exit_with_parent()
     cfg = _parse(argv)
