@@ -12,6 +12,9 @@ Dataflow of one iteration (stage s, iteration i)::
 With ``rl.partial_rollouts`` the next iteration's rollouts start before the current batch is trained
 (its rollouts then straddle a weight update: every sampled token records the policy version that
 generated it, windows older than ``rl.max_staleness`` versions are dropped and TIS corrects the rest).
+With ``rl.refill.enabled`` the rollout service (rollout/service.py, in this process or in
+``klong-rollout-service``) keeps ``concurrency`` rollouts running and an update takes the first complete
+groups it logged (rl/batches.py ``RefillBatches``), with the same staleness rule.
 Evaluations (held-out tasks, eval judge priority) run before training, after the SFT warm-up and after
 every stage (and every ``rl.eval_every`` iterations); ``best`` records the best-scoring checkpoint.
 
