@@ -10,12 +10,13 @@ picks a free port). Flags mirror ``DevServerConfig`` (rollout.devserver in the H
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import logging
 import os
 import signal
 import sys
+import threading
+import time
 
 import torch
 
@@ -40,14 +41,19 @@ def _parse(argv: list[str] | None) -> DevServerConfig:
 
 
 def _exit_with_parent() -> None:
-    """Started by an RL run (``KLONG_PARENT_PID``, rl/servers.py): SIGTERM when that process dies, however it
-    dies (Linux ``PR_SET_PDEATHSIG``), so a killed or crashed run leaves no server behind."""
+    """Started by an RL run (``KLONG_PARENT_PID``, rl/servers.py): SIGTERM to itself once that process is gone,
+    however it ended, so a killed or crashed run leaves no server behind. A watcher thread polls the parent id
+    (``PR_SET_PDEATHSIG`` would fire when the *thread* that started the server ends, e.g. a thread pool's)."""
     parent = os.environ.get("KLONG_PARENT_PID")
-    if not parent or not sys.platform.startswith("linux"):
+    if not parent:
         return
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() != int(parent):  # the run died before prctl took effect
-        sys.exit(0)
+
+    def watch() -> None:
+        while os.getppid() == int(parent):
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 @one_line_errors("klong-devserver")
