@@ -43,12 +43,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from klong_megatron.config.rl import STAGE_SWITCH
 from klong_megatron.data.trajectory import Trajectory
 from klong_megatron.rollout.manager import RolloutFn, RolloutTask, run_with_retries
 from klong_megatron.rollout.store import TrajectoryStore
 
 log = logging.getLogger(__name__)
-STAGE_SWITCH = ("finish", "cancel")
 
 GroupsOf = Callable[[int, int], list[RolloutTask]]
 """(stage, group index) -> the group's member rollouts (ids unique across the run)"""
