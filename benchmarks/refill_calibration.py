@@ -12,25 +12,23 @@ update in place of the Megatron step: ``train_s`` of training, then ``sync_s`` o
 double pauses generation (as ``/pause_generation`` in_place does). Idle share = 1 - slot-seconds holding a
 rollout outside the weight-sync pauses (the simulator's definition: a server with a request in flight or a
 rollout between turns is in use) / (concurrency x time to the last sync's end); iteration time = that time /
-steps. The share of a rollout's time outside generation (agent loop, HTTP; tens of percent on a loaded machine)
-is measured by the double and given to the simulator (``non_gen_share``); everything else is the same settings.
-
-The simulator gets the same settings (slots = concurrency, judge instant, train time fixed) and predicts both.
-Then ``--klong`` prints the simulated idle share with and without refill at KLong scale.
+steps. The share of a rollout's unpaused server time not spent generating (agent loop, tools, HTTP) is measured
+and given to the simulator (``non_gen_share``); everything else is the same settings (judged beside the slot).
 
 ``--real-trainer``: the trainer is ``klong-rl`` itself (a subprocess: experiment=rl_demo, no SFT, refill on, one
 stage of these settings, disk weight sync, in_place pauses, zero-variance groups kept so every update trains)
 with its in-process service, bwrap sandboxes and check-command judge, against ``TrainerEngineServer`` (the
-double plus the weight-push routes; replies in the run's demo_bpe tokens). Measured from the double: idle share
-and iteration time from the first request to the end of the ``--iterations``-th push; from the run's printed
-metrics: update time (iteration_s - refill/wait_s - the push pause), judge latency, rollout wall time (the
-simulator's non_gen_share = 1 - generation / the agent's rollout time). The run is stopped there (before its
-stage-end evaluation). Limit: the double tells rollouts apart by their context; a context cut by the context
-policy starts a new rollout there (``rollouts started`` shows it).
+double plus the weight-push routes; replies in the run's demo_bpe tokens, each marked with its rollout so that
+a context cut by the context policy stays the same rollout). Measured from the double: idle share and iteration
+time from the first request to the end of the ``--iterations``-th push, and the share outside generation; from
+the run: update time (iteration_s - refill/wait_s - the push pause), push pause, judge latency, and the time a
+rollout holds its slot before and after its server sees it (``meta.slot_s`` minus first request -> last reply:
+sandbox start, task files, export), all given to the simulator. The run is stopped there (before its stage-end
+evaluation). ``--seeds 0,1,2`` repeats the run per seed and prints the means.
 
     python benchmarks/refill_calibration.py [--concurrency 16] [--n 4] [--tasks 4] [--timeout 4] [--klong]
     python benchmarks/refill_calibration.py --real-trainer --concurrency 8 --n 4 --tasks 2 --iterations 10 \
-        --timeout 8 --turn 1 --sync 0.5
+        --timeout 8 --turn 2 --sync 0.5 --seeds 0,1,2
 """
 
 from __future__ import annotations
@@ -87,11 +85,11 @@ class LatencyEngineServer:
         self.p, self.prompt_len, self.turn_s = p, prompt_len, turn_s
         self.work = sim._Stream(p.seed, "work", sim._work(p))  # the simulator's draws, in launch order
         self.turn_rng = random.Random(f"{p.seed}:turn")
-        step = "Next step.\n" + format_hermes("bash", {"command": "make"})
-        self.step_ids = tokenize(step) + [eot]
-        self.submit_ids = tokenize(format_hermes("submit", {"summary": "done"})) + [eot]
+        self.tokenize, self.eot = tokenize, eot
+        self.step_ids = self._reply(None, submit=False)
+        self.submit_ids = self._reply(None, submit=True)
         self.rollouts: dict[tuple[int, ...], list[float]] = {}  # prompt -> [need left, start, last reply, generated]
-        self.gen_s = self.gap_s = 0.0  # generation served; time between a reply and the rollout's next request
+        self.gen_s = 0.0  # generation served (weight-sync pauses excluded)
         self.paused = threading.Event()
         self.lock = threading.Lock()
         self.http = _QuietServer(("127.0.0.1", 0), self._handler())
@@ -106,8 +104,16 @@ class LatencyEngineServer:
         """The rollout a request belongs to (called under ``lock``): here its prompt (unique per rollout)."""
         return tuple(input_ids[: self.prompt_len])
 
-    def _replied(self, key: tuple[Any, ...], context: list[int], finished: bool) -> None:
-        """Called under ``lock`` after each reply: ``context`` = request + reply; ``finished``: the last one."""
+    def _reply(self, key: tuple[Any, ...] | None, submit: bool) -> list[int]:
+        """Reply tokens: a ``bash`` step or the ``submit`` call (called under ``lock``, ``key`` None at start)."""
+        if key is not None:
+            return self.submit_ids if submit else self.step_ids
+        text = format_hermes("submit", {"summary": "done"}) if submit else "Next step.\n" + format_hermes(
+            "bash", {"command": "make"})  # fmt: skip
+        return self.tokenize(text) + [self.eot]
+
+    def _replied(self, key: tuple[Any, ...], finished: bool) -> None:
+        """Called under ``lock`` after each reply; ``finished``: the rollout's last one."""
 
     def _turn(self, input_ids: list[int]) -> list[int]:
         with self.lock:
@@ -115,8 +121,7 @@ class LatencyEngineServer:
             now = time.monotonic()
             if key not in self.rollouts:
                 self.rollouts[key] = [self.work[len(self.rollouts)], now, now, 0.0]
-            left, start, last_reply, _ = self.rollouts[key]
-            self.gap_s += now - last_reply
+            left, start = self.rollouts[key][:2]
             turn = self.turn_s * math.exp(0.3 * self.turn_rng.gauss(0.0, 1.0))
             span = min(turn, left, start + self.p.timeout_s - time.monotonic())
         done, last = 0.0, time.monotonic()
@@ -133,8 +138,8 @@ class LatencyEngineServer:
             self.rollouts[key][0] = left - span
             self.rollouts[key][3] += span
             self.rollouts[key][2] = now = time.monotonic()
-            ids = self.submit_ids if left - span <= 1e-9 else self.step_ids
-            self._replied(key, input_ids + ids, left - span <= 1e-9 or now >= start + self.p.timeout_s - 0.01)
+            ids = self._reply(key, submit=left - span <= 1e-9)
+            self._replied(key, left - span <= 1e-9 or now >= start + self.p.timeout_s - 0.01)
         return ids
 
     version = "0"
@@ -158,7 +163,8 @@ class LatencyEngineServer:
             def log_message(self, *args: Any) -> None: ...
 
             def do_POST(self) -> None:
-                self._send(*server.route(self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                self._send(*server.route(self.path, json.loads(raw) if raw else {}))
 
             def do_GET(self) -> None:
                 self._send(*server.route(self.path, None))
@@ -232,53 +238,61 @@ async def measured_run(p: sim.SimParams, turn_s: float, out: Path) -> dict[str, 
         double.pause(False)
         await svc.control(taken=taken)  # RefillBatches.released
     total = time.monotonic() - t0
-    busy = held[0]
+    busy, gen = held[0], double.gen_s
     counter.cancel()
     await svc.close()
     await engine.close()
     double.http.shutdown()
     return {"iteration_s": total / p.iterations, "idle": 1 - busy / (p.slots * total), "rollouts": len(double.rollouts),
-            "non_gen_share": double.gap_s / (double.gap_s + double.gen_s)}  # fmt: skip
+            "non_gen_share": 1 - gen / busy, "slot_overhead_s": 0.0}  # fmt: skip
 
 
 class TrainerEngineServer(LatencyEngineServer):
     """The double ``klong-rl`` itself runs against (``--real-trainer``). ``/generate`` as above, but the samples
-    of a group share a prompt, so a request continues a rollout whose last context (request + reply) it
-    extends; plus what ``SGLangEngine`` calls around a disk weight push (rollout/sglang.py ``update_weights``,
-    replies shaped like rollout/devserver.py's): ``/pause_generation`` stops every generation clock (SGLang's
-    in_place pause), ``/update_weights_from_disk`` takes ``load_s`` and records the version, ``/continue_generation``
-    resumes, ``/model_info`` reports the version. Slot use is counted while no pause holds (as above)."""
+    of a group share a prompt and the context policy cuts long contexts, so every reply carries a marker
+    ``[rollout k turn t]`` and a request belongs to the rollout of the last marker in its context (the newest
+    turns are never cut), or starts one; plus what ``SGLangEngine`` calls around a disk weight push
+    (rollout/sglang.py ``update_weights``, replies shaped like rollout/devserver.py's): ``/pause_generation`` stops
+    every generation clock (SGLang's in_place pause), ``/update_weights_from_disk`` takes ``load_s`` and records
+    the version, ``/continue_generation`` resumes, ``/model_info`` reports the version. Slot use is counted from
+    a rollout's first request to its last reply while no pause holds (as above)."""
 
-    def __init__(self, p: sim.SimParams, turn_s: float, tokenize: Any, eot: int, load_s: float) -> None:
-        self.contexts: dict[tuple[int, ...], list[tuple[Any, ...]]] = {}  # context after a reply -> rollouts
+    MARKER = re.compile(r"\[rollout (\d+) turn \d+\]")
+
+    def __init__(self, p: sim.SimParams, turn_s: float, tok: Any, eot: int, load_s: float) -> None:
+        self.decode = tok.decode
+        self.turns: dict[tuple[Any, ...], int] = {}
         self.live: set[tuple[Any, ...]] = set()  # rollouts between their first request and their last reply
         self.load_s, self.first_s, self.held_s = load_s, 0.0, 0.0
         self.done_gen: list[float] = []  # generation time of each finished rollout
         self.inflight: set[tuple[Any, ...]] = set()  # rollouts with a request being answered
-        self.syncs: list[tuple[float, float, float, str]] = []  # pause start, end, held slot-s at the end, version
-        super().__init__(p, 0, turn_s, tokenize, eot)
+        self.syncs: list[tuple[float, float, float, float, str]] = []  # pause start, end, held, gen at end, version
+        super().__init__(p, 0, turn_s, lambda text: tok(text, add_special_tokens=False)["input_ids"], eot)
         threading.Thread(target=self._count, daemon=True).start()
 
     def _key(self, input_ids: list[int]) -> tuple[Any, ...]:
-        for ctx, keys in self.contexts.items():  # the samples of a group may share a context: any one of them
-            if len(ctx) <= len(input_ids) and tuple(input_ids[: len(ctx)]) == ctx:
-                if len(keys) == 1:
-                    del self.contexts[ctx]
-                self.inflight.add(keys[0])
-                return keys.pop(0)
-        key = ("rollout", len(self.rollouts))
-        self.live.add(key)
+        found = self.MARKER.findall(self.decode(input_ids[-4096:], skip_special_tokens=False))
+        if found:
+            key = ("rollout", int(found[-1]))
+        else:
+            key = ("rollout", len(self.rollouts))
+            self.live.add(key)
+            self.first_s = self.first_s or time.monotonic()
         self.inflight.add(key)
-        self.first_s = self.first_s or time.monotonic()
         return key
 
-    def _replied(self, key: tuple[Any, ...], context: list[int], finished: bool) -> None:
+    def _reply(self, key: tuple[Any, ...] | None, submit: bool) -> list[int]:
+        ids = super()._reply(key, submit)
+        if key is None:
+            return ids
+        self.turns[key] = turn = self.turns.get(key, 0) + 1
+        return self.tokenize(f"[rollout {key[1]} turn {turn}] ") + ids
+
+    def _replied(self, key: tuple[Any, ...], finished: bool) -> None:
         self.inflight.discard(key)
-        if finished:
+        if finished and key in self.live:
             self.live.discard(key)
             self.done_gen.append(self.rollouts[key][3])
-        else:
-            self.contexts.setdefault(tuple(context), []).append(key)
 
     def _count(self) -> None:
         last = time.monotonic()
@@ -306,7 +320,7 @@ class TrainerEngineServer(LatencyEngineServer):
         if path == "/continue_generation":
             with self.lock:
                 self.pause(False)
-                self.syncs.append((self.pause_s, time.monotonic(), self.held_s, self.version))
+                self.syncs.append((self.pause_s, time.monotonic(), self.held_s, self.gen_s, self.version))
             return 200, {"message": "Generation continued successfully.", "status": "ok"}
         if path in ("/model_info", "/get_model_info"):
             return 200, {"model_path": "double", "is_generation": True, "weight_version": self.version}
@@ -325,12 +339,26 @@ def _metric_lines(text: str) -> list[dict[str, float]]:
     return rows
 
 
+def slot_overhead(records: list[dict[str, Any]], timeout_s: float) -> float:
+    """Mean time a stored rollout held its slot outside its server's view: ``meta.slot_s`` (rollout/service.py)
+    minus first request -> last reply (the stage timeout for a timed-out one), from the agent's own step times."""
+    over = []
+    for r in records:
+        m = r["meta"]
+        if "slot_s" not in m or not m["steps"]:
+            continue
+        first, last = m["steps"][0], m["steps"][-1]
+        end = timeout_s if m.get("timed_out") else last["t_s"] + last["gen_s"]
+        over.append(m["slot_s"] - (end - first["t_s"]))
+    return sum(over) / len(over)
+
+
 def trainer_run(args: argparse.Namespace, p: sim.SimParams, out: Path) -> dict[str, Any]:
     """``klong-rl`` (experiment=rl_demo, refill, disk weight sync) against a ``TrainerEngineServer``: returns the
-    double's iteration time and idle share to the last push's end and the run's mean update / push times."""
+    double's iteration time and idle share to the last push's end and what the simulator is given (the run's mean
+    update and push times, judge latency, slot overhead, the share of server time outside generation)."""
     tok = load_tokenizer("demo_bpe")
-    double = TrainerEngineServer(p, args.turn, lambda s: tok(s, add_special_tokens=False)["input_ids"],
-                                 Renderer(tok).eot_id, args.sync)  # fmt: skip
+    double = TrainerEngineServer(p, args.turn, tok, Renderer(tok).eot_id, args.sync)
     stage = (f"[{{timeout_s: {p.timeout_s}, iterations: {p.iterations}, rollouts_per_task: {p.n}, "
              f"tasks_per_iteration: {p.tasks_per_iter}}}]")  # fmt: skip
     cmd = [str(Path(sys.executable).parent / "klong-rl"), "experiment=rl_demo", f"output_dir={out}",
@@ -350,30 +378,43 @@ def trainer_run(args: argparse.Namespace, p: sim.SimParams, out: Path) -> dict[s
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(60)
     rows = _metric_lines(log.read_text())
-    syncs = [s for s in double.syncs if s[3] != "0"]  # version 0: the push at start-up, before any rollout
+    syncs = [s for s in double.syncs if s[4] != "0"]  # version 0: the push at start-up, before any rollout
     if len(rows) < p.iterations or len(syncs) < p.iterations:
         raise SystemExit(f"klong-rl stopped after {len(rows)} updates ({len(syncs)} pushes); see {log}:\n"
                          + "\n".join(log.read_text().splitlines()[-30:]))  # fmt: skip
-    end, held = syncs[p.iterations - 1][1:3]
+    end, held, gen = syncs[p.iterations - 1][1:4]
     total = end - double.first_s
     sync = sum(s[1] - s[0] for s in syncs[: p.iterations]) / p.iterations
     update = sum(r["iteration_s"] - r.get("refill/wait_s", 0.0) for r in rows) / len(rows) - sync
-    wall = sum(r["rollout_wall_s"] for r in rows) / len(rows)  # the agent's own clock, in the slot until judged
     judge = sorted(r.get("judge_queue/latency_train_p50", 0.0) for r in rows)[len(rows) // 2]
-    train = sum(r.get("train_s", 0.0) for r in rows) / len(rows)
-    gen = sum(double.done_gen) / len(double.done_gen)  # generation of a finished rollout at the double
+    records = [json.loads(line) for line in (out / "refill" / "rollouts.jsonl").read_text().splitlines()]
+    started = sum(1 for k in double.rollouts.values() if k[1] <= end)
     return {"iteration_s": total / p.iterations, "idle": 1 - held / (p.slots * total), "update_s": update,
-            "sync_s": sync, "train_s": train, "judge_s": judge, "wall_s": wall, "rollouts": len(double.rollouts),
-            "non_gen_share": 1 - gen / wall, "server_non_gen": double.gap_s / (double.gap_s + double.gen_s),
-            }  # fmt: skip
+            "sync_s": sync, "train_s": sum(r.get("train_s", 0.0) for r in rows) / len(rows), "judge_s": judge,
+            "rollouts": started, "non_gen_share": 1 - gen / held,
+            "slot_overhead_s": slot_overhead(records, p.timeout_s)}  # fmt: skip
 
 
-def calibration_params(args: argparse.Namespace) -> sim.SimParams:
+def calibration_params(args: argparse.Namespace, seed: int) -> sim.SimParams:
+    """The simulator's settings for a measured run (the service grades beside the slot)."""
     return sim.SimParams(
         timeout_s=args.timeout, servers=1, slots_per_server=args.concurrency, tasks_per_iter=args.tasks, n=args.n,
         iterations=args.iterations, judge_workers=args.concurrency, judge_median_s=0.0, train_fixed_s=args.train,
-        train_s_per_rollout_hour=0.0, sync_s=args.sync, eval_every=0, seed=args.seed,
+        train_s_per_rollout_hour=0.0, sync_s=args.sync, eval_every=0, seed=seed,
     )  # fmt: skip
+
+
+def calibrate(args: argparse.Namespace, seed: int, out: Path) -> tuple[dict[str, Any], sim.SimResult]:
+    """One measured run and the simulator's prediction for the same settings and what was measured."""
+    p = calibration_params(args, seed)
+    if args.real_trainer:
+        m = trainer_run(args, p, out)
+        p = dataclasses.replace(p, train_fixed_s=m["update_s"], sync_s=m["sync_s"], judge_median_s=m["judge_s"],
+                                slot_overhead_s=m["slot_overhead_s"])  # fmt: skip
+    else:
+        m = asyncio.run(measured_run(p, args.turn, out))
+    # the simulator's rollouts keep their servers as long as the measured ones: generation + the measured rest
+    return m, sim.simulate(dataclasses.replace(p, non_gen_share=m["non_gen_share"]), "refill")
 
 
 def klong_table() -> Table:
@@ -385,10 +426,10 @@ def klong_table() -> Table:
         p = sim.SimParams(timeout_s=hours * sim.HOUR, servers=64, slots_per_server=16, tasks_per_iter=128, n=8,
                           iterations=8, judge_workers=128, train_s_per_rollout_hour=1.0, eval_every=0)  # fmt: skip
         res = {m: sim.simulate(p, m) for m in ("sync", "partial", "refill")}
-        res["refill_judge_aside"] = sim.simulate(dataclasses.replace(p, judge_in_slot=False), "refill")
+        res["refill_judge_in_slot"] = sim.simulate(dataclasses.replace(p, judge_in_slot=True), "refill")
         for m, r in res.items():
             speed = res["sync"].iteration_s / r.iteration_s
-            name = sim.MODE_NAMES.get(m, "refill, judged beside the slot")
+            name = sim.MODE_NAMES.get(m, "refill, judged in the slot (first service)")
             t.add_row(f"{hours} h", name, f"{r.iteration_s / sim.HOUR:.2f}", f"{r.idle_fraction:.1%}",
                       f"{sum(r.staleness) / len(r.staleness):.2f}", f"{speed:.2f}x")  # fmt: skip
     return t
@@ -404,52 +445,45 @@ def main() -> None:
     ap.add_argument("--turn", type=float, default=0.25, help="median turn latency (s)")
     ap.add_argument("--train", type=float, default=1.5, help="update time (s)")
     ap.add_argument("--sync", type=float, default=0.4, help="weight sync pause (s)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds: a measured run each, and their mean")
     ap.add_argument("--klong", action="store_true", help="also print the KLong-scale simulation")
     ap.add_argument("--real-trainer", action="store_true", help="klong-rl (rl_demo, refill) as the trainer; "
                     "--sync: the double's weight-load time (update and push times are measured)")  # fmt: skip
-    ap.add_argument("--out", help="--real-trainer: keep klong-rl's output directory (and its log) here")
+    ap.add_argument("--out", help="keep each run's output directory (--real-trainer: klong-rl's log) under here")
     args = ap.parse_args()
-    p = calibration_params(args)
-    with tempfile.TemporaryDirectory() as tmp:
-        d = args.out or tmp
-        if args.real_trainer:
-            measured = trainer_run(args, p, Path(d))
-            p = dataclasses.replace(p, train_fixed_s=measured["update_s"], sync_s=measured["sync_s"],
-                                    judge_median_s=measured["judge_s"])  # fmt: skip
-        else:
-            measured = asyncio.run(measured_run(p, args.turn, Path(d)))
-    # the simulator's rollouts hold their slots as long as the measured ones: generation + the measured rest
-    predicted = sim.simulate(dataclasses.replace(p, non_gen_share=measured["non_gen_share"]), "refill")
-    t = Table(
-        title=f"refill calibration: {p.slots} concurrent, {p.tasks_per_iter} x {p.n} per update, timeout "
-        f"{p.timeout_s:g} s, train {p.train_fixed_s:g} s, sync {p.sync_s:g} s, {p.iterations} updates"
-    )
-    for col in ("", "iteration s", "rollout-server idle"):
-        t.add_column(col, justify="right")
     who = "klong-rl + service + agent + HTTP" if args.real_trainer else "service + agent + HTTP"
-    t.add_row(f"measured ({who})", f"{measured['iteration_s']:.2f}", f"{measured['idle']:.1%}")
-    t.add_row("simulated (rl_pipeline_sim refill)", f"{predicted.iteration_s:.2f}", f"{predicted.idle_fraction:.1%}")
-    err_it = predicted.iteration_s / measured["iteration_s"] - 1
-    err_idle = predicted.idle_fraction / measured["idle"] - 1 if measured["idle"] > 0 else math.nan
-    t.add_row("sim / measured - 1", f"{err_it:+.1%}", f"{err_idle:+.1%}")
-    if args.real_trainer:  # the double sees a rollout from its first request to its last reply only
-        seen = sim.simulate(dataclasses.replace(p, non_gen_share=measured["server_non_gen"]), "refill")
-        t.add_row("simulated, rollouts as long as the double sees them", f"{seen.iteration_s:.2f}",
-                  f"{seen.idle_fraction:.1%}")  # fmt: skip
-        t.add_row("sim / measured - 1", f"{seen.iteration_s / measured['iteration_s'] - 1:+.1%}",
-                  f"{seen.idle_fraction / measured['idle'] - 1:+.1%}" if measured["idle"] > 0 else "nan")  # fmt: skip
-    console = Console(width=140)
+    t = Table(title=f"refill calibration, measured ({who}) / simulated (rl_pipeline_sim refill): {args.concurrency} "
+              f"concurrent, {args.tasks} x {args.n} per update, timeout {args.timeout:g} s, turn {args.turn:g} s, "
+              f"{args.iterations} updates")  # fmt: skip
+    cols = ["seed", "iteration s", "error", "rollout-server idle", "error", "rollouts", "outside gen", "slot extra s"]
+    cols += ["update s", "push pause s"] if args.real_trainer else []
+    for col in cols:
+        t.add_column(col, justify="right")
+    runs = []
+    console = Console(width=160)
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in [int(x) for x in args.seeds.split(",")]:
+            out = Path(args.out or tmp) / f"seed{seed}"
+            m, r = calibrate(args, seed, out)
+            runs.append((m, r))
+            p = r.params
+            row = [str(seed), f"{m['iteration_s']:.2f} / {r.iteration_s:.2f}",
+                   f"{r.iteration_s / m['iteration_s'] - 1:+.1%}", f"{m['idle']:.1%} / {r.idle_fraction:.1%}",
+                   f"{r.idle_fraction / m['idle'] - 1:+.1%}", f"{m['rollouts']} / {len(r.rollouts)}",
+                   f"{p.non_gen_share:.1%}", f"{p.slot_overhead_s:.2f}"]  # fmt: skip
+            t.add_row(*row, *([f"{p.train_fixed_s:.2f}", f"{p.sync_s:.2f}"] if args.real_trainer else []))
+    if len(runs) > 1:
+        mean = {k: sum(f(m, r) for m, r in runs) / len(runs) for k, f in {
+            "mi": lambda m, r: m["iteration_s"], "si": lambda m, r: r.iteration_s,
+            "mu": lambda m, r: m["idle"], "su": lambda m, r: r.idle_fraction}.items()}  # fmt: skip
+        t.add_row("mean", f"{mean['mi']:.2f} / {mean['si']:.2f}", f"{mean['si'] / mean['mi'] - 1:+.1%}",
+                  f"{mean['mu']:.1%} / {mean['su']:.1%}", f"{mean['su'] / mean['mu'] - 1:+.1%}")  # fmt: skip
     console.print(t)
-    console.print(
-        f"rollouts started: measured {measured['rollouts']}, simulated {len(predicted.rollouts)}; share of rollout "
-        f"time outside generation (agent loop, HTTP), measured and given to the simulator: "
-        f"{measured['non_gen_share']:.1%}"
-    )
-    if args.real_trainer:
-        console.print(f"klong-rl per update: {measured['update_s']:.2f} s from the taken groups to the push "
-                      f"(train_s {measured['train_s']:.2f} s), weight push pause {measured['sync_s']:.2f} s: "
-                      "given to the simulator as train and sync time")  # fmt: skip
+    console.print("outside gen: share of a rollout's server time (first request to last reply, pauses excluded) "
+                  "not generating (tools, agent loop, HTTP); slot extra: seconds a rollout holds its slot beyond "
+                  "that (sandbox start, export); both measured and given to the simulator"  # fmt: skip
+                  + ("; update (taken groups -> push) and push pause from klong-rl's metrics" if args.real_trainer
+                     else ""))  # fmt: skip
     if args.klong:
         console.print(klong_table())
 

@@ -20,11 +20,12 @@ Modes (same random draws for the k-th launched rollout / judge job in every mode
   under the new weights (the partial rollout), so staleness is counted from the start version.
 - ``partial_fifo``: ``partial`` with a plain FIFO judge queue (isolates the priority queue).
 - ``refill``: the rollout service (``rollout/service.py``, ``rl.refill.enabled``): ``slots`` rollouts run
-  whenever the buffer allows; a new group starts while ``started groups - taken < max_ahead``; each rollout
-  is judged inside its slot (the service's rollout function returns a judged trajectory), so its server
-  idles meanwhile; the trainer takes the first ``tasks_per_iter`` complete groups in completion order and
-  frees their buffer room after the weight sync (``released``); nothing is dropped (staleness is reported;
-  the trainer's token-level filter and TIS handle it).
+  whenever the buffer allows; a new group starts while ``started groups - taken < max_ahead``; a rollout's
+  slot is refilled when its generation ends and it is judged beside the slots (``judge_in_slot=True``: judged
+  inside its slot, its server idling meanwhile, as the first version of the service did); the trainer takes
+  the first ``tasks_per_iter`` complete groups in completion order and frees their buffer room after the
+  weight sync (``released``); nothing is dropped (staleness is reported; the trainer's token-level filter
+  and TIS handle it). ``slot_overhead_s``: a rollout holds its slot that long before its server sees it.
 
 Rollout durations: a fraction ``timeout_frac`` runs into the stage timeout; the rest need a
 lognormal amount of generation time (median ``body_median_frac x timeout``), cut at the timeout.
@@ -100,9 +101,13 @@ class SimParams:
     non_gen_share: float = 0.0
     """Share of a rollout's wall time spent outside generation (tool calls, the agent loop): a rollout needing
     ``w`` s of generation holds its slot ``w / (1 - share)`` s (the stage timeout still cuts it)."""
-    judge_in_slot: bool = True
-    """Refill mode: a rollout holds its slot while judged (the service today); False: the slot is refilled
-    when generation ends and judging runs beside it."""
+    slot_overhead_s: float = 0.0
+    """Seconds a rollout holds its slot before its server sees it (sandbox start, task files; the workdir export
+    and teardown after its last reply are folded in here): the slot is taken, the server idles, the timeout has
+    not started."""
+    judge_in_slot: bool = False
+    """Refill mode: True: a rollout holds its slot while judged (the first version of the service); False (what
+    rollout/service.py does): the slot is refilled when generation ends and judging runs beside it."""
     seed: int = 0
     """Seed of every random draw."""
 
@@ -114,7 +119,15 @@ class SimParams:
             if getattr(self, name) <= 0:
                 raise ValueError(f"SimParams.{name} must be > 0, got {getattr(self, name)}")
         non_negative = ("body_sigma", "judge_median_s", "judge_sigma", "train_fixed_s", "train_s_per_rollout_hour")
-        for name in (*non_negative, "sync_s", "max_staleness", "eval_every", "eval_tasks", "max_ahead"):
+        for name in (
+            *non_negative,
+            "sync_s",
+            "max_staleness",
+            "eval_every",
+            "eval_tasks",
+            "max_ahead",
+            "slot_overhead_s",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"SimParams.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.non_gen_share < 1:
@@ -277,6 +290,7 @@ class _Pipeline:
         self.seq = self.version = self.steps = self.judge_busy = self.dropped_groups = self.eval_jobs = 0
         self.paused = self.training = False
         self.taken = self.judging_in_slot = 0  # refill: groups released by the trainer; slots held by the judge
+        self.starting = 0  # slots held by rollouts in their start-up overhead (not yet on a server)
         self.end_s: float | None = None
         self.pauses: list[tuple[float, float]] = []
         self.rollouts: list[RolloutRecord] = []
@@ -311,7 +325,11 @@ class _Pipeline:
             credit = self.taken + p.ahead
         else:
             credit = min(self.version + 1 + self.lag, p.iterations) * p.tasks_per_iter + self.dropped_groups
-        while not self.paused and self.end_s is None and len(self.running) + self.judging_in_slot < p.slots:
+        while (
+            not self.paused
+            and self.end_s is None
+            and len(self.running) + self.starting + self.judging_in_slot < p.slots
+        ):
             g = self.groups[-1] if self.groups else None
             if g is None or g.state != "open" or len(g.members) == p.n:
                 if len(self.groups) >= credit:
@@ -321,8 +339,24 @@ class _Pipeline:
             r = RolloutRecord(len(self.rollouts), g.id, self.version, self.now, self.work[len(self.rollouts)])
             self.rollouts.append(r)
             g.members.append(r.id)
-            self.running[r.id] = 0
-            self.schedule_end(r)
+            if p.slot_overhead_s > 0:
+                self.starting += 1
+                self.at(self.now + p.slot_overhead_s, self.rollout_start, r.id)
+            else:
+                self.rollout_start(r.id)
+
+    def rollout_start(self, rid: int) -> None:
+        """The rollout reaches its server (after ``slot_overhead_s``): busy from now, timeout from now."""
+        r = self.rollouts[rid]
+        if self.p.slot_overhead_s > 0:
+            self.starting -= 1
+            r.start_s = self.now
+            if r.dropped:  # its group was dropped while it started
+                r.aborted = True
+                self.fill_slots()
+                return
+        self.running[rid] = 0
+        self.schedule_end(r)
 
     def schedule_end(self, r: RolloutRecord) -> None:
         self.running[r.id] += 1

@@ -48,6 +48,8 @@ def rollout_metrics(trajs: list[Trajectory]) -> dict[str, float]:
         "judge/invalid_frac": float(np.mean([t.meta.get("judge_invalid_frac", 0.0) for t in trajs])),
         "blacklist_flagged": float(sum(bool(t.meta.get("blacklist_flagged")) for t in trajs)),
     }
+    if slots := [t.meta["slot_s"] for t in trajs if "slot_s" in t.meta]:  # refill: slot time incl. sandbox start
+        out["rollout_slot_s"] = float(np.mean(slots))
     out |= {f"judge/{k}": v for k, v in category_means(trajs).items()}
     for k in ("calls", "prompt_tokens", "completion_tokens"):  # judge cost of this iteration's rollouts
         out[f"judge/{k}"] = float(sum(t.meta.get("judge_token_usage", {}).get(k, 0) for t in trajs))

@@ -38,6 +38,7 @@ import collections
 import json
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,6 +230,7 @@ class RolloutService:
             fn = self._fns.get(group.stage) or self._fns.setdefault(group.stage, self.rollout_fn_of(group.stage))
             child = asyncio.create_task(run_with_retries(fn, task, self.max_retries))
             group.running.add(child)
+            slot_start = time.monotonic()
             try:
                 traj, errors = await child
             except asyncio.CancelledError:
@@ -237,6 +239,8 @@ class RolloutService:
                 continue  # its group was cancelled by a stage switch
             finally:
                 group.running.discard(child)
+            if traj is not None:  # the time it held its slot: sandbox start + agent loop + export, retries included
+                traj.meta["slot_s"] = round(time.monotonic() - slot_start, 4)
             if traj is not None and self.grade_fn_of is not None and group.name in self._groups:
                 grading = asyncio.create_task(self._grade(group, task, traj))  # beside the slot: next rollout now
                 group.grading.add(grading)

@@ -200,10 +200,21 @@ def test_refill_servers_idle_only_while_their_rollout_is_judged_in_the_slot() ->
     # function returns a judged trajectory); training and sync take no time, so the buffer never binds:
     # the slots cycle D + J in lockstep and the last step ends at I * (D + J).
     d, j = SMALL.timeout_s, 0.25 * HOUR
-    p = _degenerate(judge_median_s=j, judge_sigma=0.0, judge_workers=64)
+    p = _degenerate(judge_median_s=j, judge_sigma=0.0, judge_workers=64, judge_in_slot=True)
     res = sim.simulate(p, "refill")
     assert res.end_s == pytest.approx(p.iterations * (d + j))
     assert res.idle_fraction == pytest.approx(j / (d + j), rel=1e-9)
+
+
+def test_slot_overhead_holds_the_slot_with_an_idle_server_and_the_timeout_starts_after_it() -> None:
+    # Every rollout first holds its slot O seconds off its server (sandbox start), then generates the timeout D;
+    # judged beside the slot, instantly: the slots cycle O + D in lockstep and the servers idle O of every cycle.
+    d, o = SMALL.timeout_s, 0.1 * HOUR
+    p = _degenerate(slot_overhead_s=o)
+    res = sim.simulate(p, "refill")
+    assert res.end_s == pytest.approx(p.iterations * (o + d))
+    assert res.idle_fraction == pytest.approx(o / (o + d), rel=1e-9)
+    assert all(r.end_s - r.start_s == pytest.approx(d) for r in res.rollouts)  # the timeout runs from the server
 
 
 def test_refill_never_starts_more_groups_than_max_ahead_beyond_what_was_taken() -> None:

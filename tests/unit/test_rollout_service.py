@@ -267,4 +267,5 @@ def test_grading_beside_the_slot_frees_it_for_the_next_rollout(tmp_path: Path) -
     assert all(e["status"] == "complete" and len(e["ids"]) == N for e in svc.logged)
     records = [json.loads(line) for line in (tmp_path / "rollouts.jsonl").read_text().splitlines()]
     assert records and all(r["meta"]["graded"] for r in records)
+    assert all(0.02 <= r["meta"]["slot_s"] < 0.3 for r in records)  # generation held the slot, grading did not
     assert "stage0_group00000/t0/0" in graded and failures["stage0_group00000/t0/0"] == 0
