@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from klong_megatron.data.trajectory import Message, ReadStats, Trajectory
+from klong_megatron.data.trajectory import Message, ReadStats, ToolCall, Trajectory
 from klong_megatron.errors import UserError
 
 Tools = list[dict[str, Any]] | None
@@ -143,11 +143,75 @@ class _Turn:
     has_stop: bool
 
 
+_PROBE = [
+    Message("system", "You are an agent."),
+    Message("user", "Task: go.", pinned=True),
+    Message(
+        "assistant", "Looking.", tool_calls=(ToolCall("bash", '{"command": "ls -1"}', "call_0"),), reasoning="Plan."
+    ),
+    Message("tool", "a.txt\nb.txt", tool_call_id="call_0", name="bash"),
+]
+_PROBE_TOOLS = [{"type": "function", "function": {"name": "bash", "description": "Run a shell command.", "parameters": {
+    "type": "object", "properties": {"command": {"type": "string", "description": "the command"}},
+    "required": ["command"]}}}]  # fmt: skip
+
+
+class _TemplateCall:
+    """``tokenizer.apply_chat_template(chat, tools=tools, tokenize=False, add_generation_prompt=gen)`` without
+    re-walking the tool schemas on every call (transformers converts them to plain data each time: most of the
+    agent's per-turn CPU). The same steps as transformers 5.x (tokenization_utils_base.py ``apply_chat_template``
+    -> utils/chat_template_utils.py ``render_jinja_template``: the template chosen by ``get_chat_template``, None
+    values dropped, reasoning aliased, the special tokens as template variables), with the schemas made plain
+    once per list. Our messages are plain JSON types already (``Message.to_openai``). ``make`` returns
+    None (callers use ``apply_chat_template``) when these functions are missing or a probe renders differently."""
+
+    def __init__(self, tokenizer: Any, helpers: tuple[Any, Any, Any]) -> None:
+        self.tokenizer = tokenizer
+        self.compile, self.alias, self.plain = helpers
+        self.kwargs = self.plain(dict(tokenizer.special_tokens_map))
+        self.tools: dict[int, tuple[Any, Any]] = {}  # id of a schema list -> (the list, kept alive; its plain form)
+
+    @classmethod
+    def make(cls, tokenizer: Any) -> _TemplateCall | None:
+        try:
+            from transformers.utils.chat_template_utils import (
+                _alias_reasoning_fields,
+                _compile_jinja_template,
+                _plain_template_data,
+            )
+
+            call = cls(tokenizer, (_compile_jinja_template, _alias_reasoning_fields, _plain_template_data))
+            for k, tools in ((2, None), (4, None), (2, _PROBE_TOOLS), (4, _PROBE_TOOLS)):
+                chat = [m.to_openai() for m in _PROBE[:k]]
+                for gen in (False, True):
+                    want = tokenizer.apply_chat_template(chat, tools=tools, tokenize=False, add_generation_prompt=gen)
+                    if call(chat, tools, gen) != want:
+                        return None
+        except Exception:  # another transformers, or a template that refuses the probe: the plain path
+            return None
+        return call
+
+    def __call__(self, chat: list[dict[str, Any]], tools: Tools, gen: bool) -> str:
+        template = self.compile(self.tokenizer.get_chat_template(None, tools))
+        plain = None
+        if tools is not None:  # by identity: a schema list is never changed once made (ToolSet.schemas, a record)
+            hit = self.tools.get(id(tools))
+            if hit is None or hit[0] is not tools:
+                if len(self.tools) >= 4096:
+                    self.tools.clear()
+                hit = self.tools[id(tools)] = (tools, self.plain(tools))
+            plain = hit[1]
+        messages = self.alias([{k: v for k, v in m.items() if v is not None} for m in chat])
+        return template.render(messages=messages, tools=plain, documents=None, add_generation_prompt=gen,
+                               **self.kwargs)  # fmt: skip
+
+
 class Renderer:
     """Renders messages with a tokenizer's chat template (see the module docstring). Stateless apart from caches."""
 
     def __init__(self, tokenizer: Any, *, eot_token: str | None = None):
         self.tokenizer = tokenizer
+        self._call = _TemplateCall.make(tokenizer)
         added = set(tokenizer.get_added_vocab())
         stops = [t for t in _STOP_NAMES if t in added]
         if tokenizer.eos_token is not None and tokenizer.eos_token not in stops:
@@ -178,10 +242,11 @@ class Renderer:
     def _t(self, messages: list[Message], tools: Tools, gen: bool = False, blame: int = -1) -> str:
         if not messages and not gen:
             return ""
+        chat = [m.to_openai() for m in messages]
         try:
-            return self.tokenizer.apply_chat_template(
-                [m.to_openai() for m in messages], tools=tools, tokenize=False, add_generation_prompt=gen
-            )
+            if self._call is not None:
+                return self._call(chat, tools, gen)
+            return self.tokenizer.apply_chat_template(chat, tools=tools, tokenize=False, add_generation_prompt=gen)
         except Exception as e:  # jinja's TemplateError (raise_exception), or its TypeError/KeyError on a field
             reason = " ".join(f"{type(e).__name__}: {e}".split())
             raise _Refusal(blame if blame >= 0 else max(len(messages) - 1, 0), reason) from None

@@ -104,7 +104,7 @@ class AgentLoop:
             top_p=cfg.sampling.top_p,
             stop_token_ids=tuple(renderer.stop_ids),
         )
-        self.stops = np.asarray(renderer.stop_ids, dtype=np.int32)
+        self.stops = frozenset(int(t) for t in renderer.stop_ids)
 
     def _header(self, run: _Run) -> np.ndarray:
         run.context = self.renderer.context_texts(run.messages, run.schemas)
@@ -128,13 +128,13 @@ class AgentLoop:
         state = self.policy.start(task.id)
         for i, m in enumerate(task.messages):
             self._add(run, state, rendered.message_ids(i), _slice(rendered, i), m)
-        self._header(run)  # checks gen_reserve before the first request
+        header: np.ndarray | None = self._header(run)  # checks gen_reserve before the first request
         reason = "max_turns"
         for _ in range(self.cfg.max_turns):
             if time.monotonic() >= deadline:
                 reason = "timed_out"
                 break
-            header = self._header(run)
+            header = self._header(run) if header is None else header
             context = np.concatenate([state.context(), header])
             t0 = time.monotonic()
             try:
@@ -160,6 +160,7 @@ class AgentLoop:
             if done or timed_out:
                 reason = "submitted" if done else "timed_out"
                 break
+            header = None  # the next turn follows the new observations
         return await self._finish(run, reason, start, workdir)
 
     # ------------------------------------------------------------------ turn pieces
@@ -179,7 +180,7 @@ class AgentLoop:
         self, run: _Run, state: Any, header: np.ndarray, gen: Any, timing: tuple[float, float], context_len: int
     ) -> ParsedTurn:
         out = np.asarray(gen.output_ids, dtype=np.int32)
-        appended = not (len(out) and np.isin(out[-1], self.stops))
+        appended = not (len(out) and int(out[-1]) in self.stops)
         body = np.concatenate([out, [self.eot]]).astype(np.int32) if appended else out
         ids = np.concatenate([header, body, self.suffix]).astype(np.int32)
         mask = np.concatenate([np.zeros(len(header)), np.ones(len(body)), np.zeros(len(self.suffix))])

@@ -82,6 +82,42 @@ def test_stream_equals_whole_rendering_where_the_template_keeps_history(family, 
         assert len(rt.input_ids) > len(whole)
 
 
+def test_template_calls_equal_apply_chat_template_on_every_prefix(family) -> None:
+    # The renderer calls the compiled template itself, with the tool schemas made plain once (render.py
+    # _TemplateCall): on the real templates it must write exactly what apply_chat_template writes.
+    name, r = family
+    assert r._call is not None, "the probe should accept every real template"
+    chat = [m.to_openai() for m in _msgs(name)]
+
+    def outcome(fn, *args, **kw) -> str:
+        try:
+            return fn(*args, **kw)
+        except Exception as e:  # a template refusal (Llama-3.1: tools need a first user message) must match too
+            return f"{type(e).__name__}: {e}"
+
+    tok = r.tokenizer
+    for k in range(1, len(chat) + 1):
+        for tools in (None, TOOLS):
+            for gen in (False, True):
+                want = outcome(
+                    tok.apply_chat_template, chat[:k], tools=tools, tokenize=False, add_generation_prompt=gen
+                )
+                assert outcome(r._call, chat[:k], tools, gen) == want, (k, tools is not None, gen)
+
+
+def test_a_template_call_that_renders_differently_falls_back_to_apply_chat_template(monkeypatch) -> None:
+    from klong_megatron.data import render
+
+    tok = load_tokenizer(str(REAL / "qwen3"))
+    monkeypatch.setattr(render._TemplateCall, "__call__", lambda self, chat, tools, gen: "different")
+    r = Renderer(tok)
+    assert r._call is None
+    msgs = _msgs("qwen3")[:2]
+    assert r.text(msgs, tools=TOOLS) == tok.apply_chat_template(
+        [m.to_openai() for m in msgs], tools=TOOLS, tokenize=False
+    )
+
+
 def test_assistant_mask_is_what_the_model_generates_with_its_stop_token(family) -> None:
     name, r = family
     msgs = _msgs(name)
