@@ -3,7 +3,7 @@ GLM-shaped MoE, the windows through Megatron's pipeline schedule) and EP 2 (the 
 the two data-parallel ranks).
 
 One RL iteration against a ``klong-devserver`` started here (rollouts, judge and weight pushes on
-rank 0; every rank trains and streams its shards into the broadcast push, ``rl.weight_sync=distributed``
+rank 0; at TP 2 through the continuous-refill rollout service; every rank trains and streams its shards into the broadcast push, ``rl.weight_sync=distributed``
 with per-tensor checksum verification). Afterwards the server must hold exactly the weights of the
 run's final checkpoint exported without sharding (loaded at TP = PP = 1), which differ from the ones it
 started with, under policy version 1, and the update's loss and gradient norm must be finite (an
@@ -60,7 +60,7 @@ MOE = [  # GLM-4.5-shaped: dense first layer, shared expert, sigmoid router with
     "model.qkv_bias=true",
 ]  # fmt: skip
 LAYOUTS = {
-    "tp2": (["trainer.parallel.tp=2"], []),
+    "tp2": (["trainer.parallel.tp=2", "rl.refill.enabled=true", "rl.refill.poll_s=0.2"], []),  # with the rollout service
     "pp2_moe": (["trainer.parallel.pp=2"], MOE),
     "ep2_moe": (["trainer.parallel.ep=2"], MOE),  # DP 2: each rank trains its own rows and holds 2 of the 4 experts
 }
@@ -125,3 +125,6 @@ def test_sharded_rl_iteration_leaves_the_server_on_the_trained_weights(layout: s
     first = {k: tensor_checksum(v) for k, v in HFCausalLM.from_dir(start).checkpoint_tensors().items()}
     assert {k: served.get(k) for k in want} == want  # the server == the unsharded export, tensor by tensor
     assert sum(first[k] != want[k] for k in want) > len(want) // 2  # and the update changed the weights
+    if "rl.refill.enabled=true" in trainer:  # the update trained a whole group the rollout service logged
+        groups = [json.loads(line) for line in (out / "refill" / "groups.jsonl").read_text().splitlines()]
+        assert groups[0]["status"] == "complete" and len(groups[0]["ids"]) == 2 and state["groups_taken"] >= 1
