@@ -118,16 +118,9 @@ class SimParams:
         for name in ("timeout_s", "body_median_frac"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"SimParams.{name} must be > 0, got {getattr(self, name)}")
-        non_negative = ("body_sigma", "judge_median_s", "judge_sigma", "train_fixed_s", "train_s_per_rollout_hour")
-        for name in (
-            *non_negative,
-            "sync_s",
-            "max_staleness",
-            "eval_every",
-            "eval_tasks",
-            "max_ahead",
-            "slot_overhead_s",
-        ):
+        non_negative = ("body_sigma", "judge_median_s", "judge_sigma", "train_fixed_s", "train_s_per_rollout_hour",
+                        "slot_overhead_s")  # fmt: skip
+        for name in (*non_negative, "sync_s", "max_staleness", "eval_every", "eval_tasks", "max_ahead"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SimParams.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.non_gen_share < 1:

@@ -145,7 +145,7 @@ class _Turn:
 
 _PROBE = [
     Message("system", "You are an agent."),
-    Message("user", "Task: go.", pinned=True),
+    Message("user", "Task: go."),
     Message(
         "assistant", "Looking.", tool_calls=(ToolCall("bash", '{"command": "ls -1"}', "call_0"),), reasoning="Plan."
     ),
