@@ -3,11 +3,12 @@ GLM-shaped MoE, the windows through Megatron's pipeline schedule) and EP 2 (the 
 the two data-parallel ranks).
 
 One RL iteration against a ``klong-devserver`` started here (rollouts, judge and weight pushes on
-rank 0; at TP 2 through the continuous-refill rollout service; every rank trains and streams its shards into the broadcast push, ``rl.weight_sync=distributed``
-with per-tensor checksum verification). Afterwards the server must hold exactly the weights of the
-run's final checkpoint exported without sharding (loaded at TP = PP = 1), which differ from the ones it
-started with, under policy version 1, and the update's loss and gradient norm must be finite (an
-entropy bonus makes the gradient non-zero: the random tiny policy scores 0, so advantages are 0).
+rank 0, at TP 2 through the continuous-refill rollout service; every rank trains and streams its shards
+into the broadcast push, ``rl.weight_sync=distributed`` with per-tensor checksum verification). Afterwards
+the server must hold exactly the weights of the run's final checkpoint exported without sharding (loaded at
+TP = PP = 1), which differ from the ones it started with, under policy version 1, and the update's loss and
+gradient norm must be finite (an entropy bonus makes the gradient non-zero: the random tiny policy scores 0,
+so advantages are 0).
 """
 
 from __future__ import annotations
@@ -60,7 +61,10 @@ MOE = [  # GLM-4.5-shaped: dense first layer, shared expert, sigmoid router with
     "model.qkv_bias=true",
 ]  # fmt: skip
 LAYOUTS = {
-    "tp2": (["trainer.parallel.tp=2", "rl.refill.enabled=true", "rl.refill.poll_s=0.2"], []),  # with the rollout service
+    "tp2": (
+        ["trainer.parallel.tp=2", "rl.refill.enabled=true", "rl.refill.poll_s=0.2"],
+        [],
+    ),  # with the rollout service
     "pp2_moe": (["trainer.parallel.pp=2"], MOE),
     "ep2_moe": (["trainer.parallel.ep=2"], MOE),  # DP 2: each rank trains its own rows and holds 2 of the 4 experts
 }

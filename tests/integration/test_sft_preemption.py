@@ -107,29 +107,35 @@ def _losses(log: str) -> dict[int, float]:
     return {int(s): float(v) for s, v in re.findall(r"train step\s+(\d+)\s+loss ([\d.]+)", log)}
 
 
+def resume_after_a_kill_during_the_step4_save(tmp_path: Path, out: str) -> tuple[dict[int, float], dict[int, float]]:
+    """A run (output ``out``) killed while ``iter_4`` was written: ``latest`` still names iter_2 and only a
+    metadata-less ``iter_4.partial`` exists; a rerun to step 5 completes, retrains steps 3-5 and writes iter_4
+    whole. Returns the losses per step of the killed run and of the rerun."""
+    ckpt = tmp_path / "checkpoints"
+    assert (ckpt / "latest").read_text() == "2", out[-3000:]
+    assert not (ckpt / "iter_0000004").exists()
+    half = ckpt / "iter_0000004.partial"
+    assert half.is_dir() and not (half / "metadata.json").exists()
+    resumed = _run([sys.executable, str(DRIVER), str(tmp_path), "trainer.train_steps=5", "trainer.save_every=4",
+                    "trainer.log_every=1"])  # fmt: skip
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["state"]["step"] == 5 and summary["ended"] == "completed"
+    after = _losses(resumed.stdout)
+    assert sorted(after) == [3, 4, 5]
+    assert (ckpt / "iter_0000004" / "metadata.json").exists() and not list(ckpt.glob("*.partial"))
+    return _losses(out), after
+
+
 def test_run_killed_mid_save_resumes_from_the_previous_checkpoint_and_rewrites_the_half_written_one(
     tmp_path: Path,
 ) -> None:
     tiny = [str(tmp_path), "trainer.train_steps=100", "trainer.save_every=2", "trainer.log_every=1"]
     proc = _start([sys.executable, str(SLOW_SAVE), "3", "tiny", *tiny])
     out = _signal_group_when(proc, signal.SIGKILL, "saved checkpoint", "train step      4", "checkpoint writer")
-    ckpt = tmp_path / "checkpoints"
-    assert (ckpt / "latest").read_text() == "2", out[-3000:]
-    assert not (ckpt / "iter_0000004").exists()
-    half = ckpt / "iter_0000004.partial"
-    assert half.is_dir() and not (half / "metadata.json").exists()
-
-    resumed = _run([sys.executable, str(DRIVER), str(tmp_path), "trainer.train_steps=5", "trainer.save_every=4",
-                    "trainer.log_every=1"])  # fmt: skip
-    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["state"]["step"] == 5 and summary["ended"] == "completed"
-    before, after = _losses(out), _losses(resumed.stdout)
-    assert sorted(after) == [3, 4, 5]
+    before, after = resume_after_a_kill_during_the_step4_save(tmp_path, out)
     assert [after[3], after[4]] == pytest.approx([before[3], before[4]], abs=1e-4)
-    assert (ckpt / "iter_0000004" / "metadata.json").exists()
-    assert not list(ckpt.glob("*.partial"))
-    assert (ckpt / "latest").read_text() == "5"
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "5"
 
 
 def test_sigterm_during_the_final_save_keeps_the_run_completed(tmp_path: Path) -> None:
