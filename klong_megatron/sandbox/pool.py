@@ -4,8 +4,8 @@ Dataflow: start() starts ``size`` sandboxes in parallel -> acquire() hands out a
 health check (a dead one is reported, closed and replaced) -> release() closes it (a sandbox never
 serves two rollouts: the next task must not see the last one's files) and starts a replacement in
 the background. close() (also on exit of ``with``) closes every sandbox, idle or handed out, so an
-exception in a rollout leaves nothing behind; a crash of the whole process is covered by the
-backends' reapers (labelled containers, pid-named work dirs).
+exception in a rollout leaves nothing behind, and wakes every acquire() still waiting (it raises); a
+crash of the whole process is covered by the backends' reapers (labelled containers, pid-named work dirs).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Self
+from typing import Any, Self
 
 from klong_megatron.config.sandbox import SandboxConfig
 from klong_megatron.sandbox import make_sandbox
@@ -24,6 +24,9 @@ from klong_megatron.sandbox._common import SandboxError
 from klong_megatron.sandbox.base import Sandbox
 
 log = logging.getLogger(__name__)
+
+_CLOSED = object()
+"""Put in the ready queue by ``close``: wakes every ``acquire`` still waiting (each puts it back)."""
 
 
 class SandboxPool:
@@ -44,7 +47,7 @@ class SandboxPool:
             raise ValueError(f"start_attempts must be >= 1, got {start_attempts}")
         self.cfg, self.size, self.factory = cfg, size, factory
         self.start_attempts, self.health_timeout_s = start_attempts, health_timeout_s
-        self._ready: queue.Queue[Sandbox] = queue.Queue()
+        self._ready: queue.Queue[Any] = queue.Queue()  # ready sandboxes, then _CLOSED
         self._all: set[int] = set()
         self._owned: dict[int, Sandbox] = {}
         self._lock = threading.Lock()
@@ -97,6 +100,9 @@ class SandboxPool:
                 sb = self._ready.get(timeout=timeout)
             except queue.Empty:
                 raise TimeoutError(f"no sandbox became ready within {timeout}s (pool size {self.size})") from None
+            if sb is _CLOSED:  # closed while waiting (a cancelled run): never block its shutdown
+                self._ready.put(sb)
+                raise SandboxError("sandbox pool is closed")
             if self._healthy(sb):
                 return sb
             log.warning("sandbox %s failed its health check; replacing it", getattr(sb, "name", sb))
@@ -126,6 +132,7 @@ class SandboxPool:
             self._closed = True
             owned = list(self._owned.values())
             self._owned.clear()
+        self._ready.put(_CLOSED)
         self._workers.shutdown(wait=True, cancel_futures=True)
         for sb in owned:
             sb.close()

@@ -67,7 +67,15 @@ def _signal_at(
     while _state(out).get("iteration", 0) < iteration and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.5)
     os.killpg(proc.pid, sig)
-    log, _ = proc.communicate(timeout=timeout_s)
+    try:
+        log, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired as e:  # name what is still running (and holding the output pipe)
+        ps = subprocess.run(["ps", "-o", "pid,ppid,stat,etime,args", "-g", str(proc.pid)], capture_output=True,
+                            text=True).stdout  # fmt: skip
+        os.killpg(proc.pid, signal.SIGKILL)
+        tail = (e.output or b"").decode(errors="replace")[-6000:] if isinstance(e.output, bytes) else str(e.output)
+        raise AssertionError(f"{signal.Signals(sig).name} did not end the run in {timeout_s} s (exit "
+                             f"{proc.poll()}); still running:\n{ps}\noutput:\n{tail}") from None  # fmt: skip
     return proc, log
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 import time
 
 import pytest
@@ -61,6 +62,33 @@ def test_sandbox_is_closed_when_the_rollout_raises_and_pool_close_closes_all(bac
         held.exec("true", timeout=5)
     with pytest.raises(SandboxError, match="closed"):
         pool.acquire(timeout=1)
+
+
+@pytest.mark.bwrap
+def test_close_wakes_an_acquire_that_waits_for_a_sandbox() -> None:
+    # A run stopped (SIGTERM) while a rollout waited for a sandbox in a worker thread: closing the pool must end
+    # that wait, or the event loop's shutdown joins the thread forever.
+    pool = SandboxPool(small_config("bwrap"), size=1)
+    pool.start()
+    held = pool.acquire(timeout=60)
+    errors: list[BaseException] = []
+
+    def wait_for_one() -> None:
+        try:
+            pool.acquire()
+        except BaseException as e:  # noqa: BLE001 - what ended the wait is the result
+            errors.append(e)
+
+    waiter = threading.Thread(target=wait_for_one, daemon=True)
+    waiter.start()
+    time.sleep(0.3)
+    assert waiter.is_alive()  # the only sandbox is in use
+    pool.close()
+    waiter.join(timeout=10)
+    assert not waiter.is_alive() and isinstance(errors[0], SandboxError) and "closed" in str(errors[0])
+    with pytest.raises(SandboxError, match="closed"):
+        pool.acquire(timeout=1)
+    del held
 
 
 def test_start_failures_are_retried_then_reported() -> None:
