@@ -114,7 +114,7 @@ def main() -> None:
             rss = json.loads(proc.stdout.strip().splitlines()[-1])["rss"]
             base = base or rss
             print(f"| {mode} | {time.perf_counter() - start:.1f} | {rss / 2**20:.0f} | {(rss - base) / 2**20:.0f} |")
-        from klong_megatron.megatron.hf import SafetensorsDir
+        from klong_megatron.megatron.safetensors_io import SafetensorsDir
 
         src, back = SafetensorsDir(work / "hf"), SafetensorsDir(work / "back0")
         exact = set(src) == set(back) and all(torch.equal(src[k], back[k]) for k in src)

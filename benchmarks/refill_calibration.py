@@ -85,10 +85,10 @@ class LatencyEngineServer:
         self.p, self.prompt_len, self.turn_s = p, prompt_len, turn_s
         self.work = sim._Stream(p.seed, "work", sim._work(p))  # the simulator's draws, in launch order
         self.turn_rng = random.Random(f"{p.seed}:turn")
-        self.tokenize, self.eot = tokenize, eot
-        self.step_ids = self._reply(None, submit=False)
-        self.submit_ids = self._reply(None, submit=True)
-        self.rollouts: dict[tuple[int, ...], list[float]] = {}  # prompt -> [need left, start, last reply, generated]
+        self.tokenize = tokenize
+        self.step_ids = tokenize("Next step.\n" + format_hermes("bash", {"command": "make"})) + [eot]
+        self.submit_ids = tokenize(format_hermes("submit", {"summary": "done"})) + [eot]
+        self.rollouts: dict[tuple[Any, ...], list[float]] = {}  # rollout -> [generation need left, start]
         self.gen_s = 0.0  # generation served (weight-sync pauses excluded)
         self.paused = threading.Event()
         self.lock = threading.Lock()
@@ -104,13 +104,9 @@ class LatencyEngineServer:
         """The rollout a request belongs to (called under ``lock``): here its prompt (unique per rollout)."""
         return tuple(input_ids[: self.prompt_len])
 
-    def _reply(self, key: tuple[Any, ...] | None, submit: bool) -> list[int]:
-        """Reply tokens: a ``bash`` step or the ``submit`` call (called under ``lock``, ``key`` None at start)."""
-        if key is not None:
-            return self.submit_ids if submit else self.step_ids
-        text = format_hermes("submit", {"summary": "done"}) if submit else "Next step.\n" + format_hermes(
-            "bash", {"command": "make"})  # fmt: skip
-        return self.tokenize(text) + [self.eot]
+    def _reply(self, key: tuple[Any, ...], submit: bool) -> list[int]:
+        """Reply tokens of rollout ``key``: a ``bash`` step or the ``submit`` call (called under ``lock``)."""
+        return self.submit_ids if submit else self.step_ids
 
     def _replied(self, key: tuple[Any, ...], finished: bool) -> None:
         """Called under ``lock`` after each reply; ``finished``: the rollout's last one."""
@@ -120,8 +116,8 @@ class LatencyEngineServer:
             key = self._key(input_ids)
             now = time.monotonic()
             if key not in self.rollouts:
-                self.rollouts[key] = [self.work[len(self.rollouts)], now, now, 0.0]
-            left, start = self.rollouts[key][:2]
+                self.rollouts[key] = [self.work[len(self.rollouts)], now]
+            left, start = self.rollouts[key]
             turn = self.turn_s * math.exp(0.3 * self.turn_rng.gauss(0.0, 1.0))
             span = min(turn, left, start + self.p.timeout_s - time.monotonic())
         done, last = 0.0, time.monotonic()
@@ -136,8 +132,7 @@ class LatencyEngineServer:
             last = now
         with self.lock:
             self.rollouts[key][0] = left - span
-            self.rollouts[key][3] += span
-            self.rollouts[key][2] = now = time.monotonic()
+            now = time.monotonic()
             ids = self._reply(key, submit=left - span <= 1e-9)
             self._replied(key, left - span <= 1e-9 or now >= start + self.p.timeout_s - 0.01)
         return ids
@@ -244,7 +239,7 @@ async def measured_run(p: sim.SimParams, turn_s: float, out: Path) -> dict[str, 
     await engine.close()
     double.http.shutdown()
     return {"iteration_s": total / p.iterations, "idle": 1 - busy / (p.slots * total), "rollouts": len(double.rollouts),
-            "non_gen_share": 1 - gen / busy, "slot_overhead_s": 0.0}  # fmt: skip
+            "non_gen_share": 1 - gen / busy}  # fmt: skip
 
 
 class TrainerEngineServer(LatencyEngineServer):
@@ -264,7 +259,6 @@ class TrainerEngineServer(LatencyEngineServer):
         self.turns: dict[tuple[Any, ...], int] = {}
         self.live: set[tuple[Any, ...]] = set()  # rollouts between their first request and their last reply
         self.load_s, self.first_s, self.held_s = load_s, 0.0, 0.0
-        self.done_gen: list[float] = []  # generation time of each finished rollout
         self.inflight: set[tuple[Any, ...]] = set()  # rollouts with a request being answered
         self.syncs: list[tuple[float, float, float, float, str]] = []  # pause start, end, held, gen at end, version
         super().__init__(p, 0, turn_s, lambda text: tok(text, add_special_tokens=False)["input_ids"], eot)
@@ -281,18 +275,14 @@ class TrainerEngineServer(LatencyEngineServer):
         self.inflight.add(key)
         return key
 
-    def _reply(self, key: tuple[Any, ...] | None, submit: bool) -> list[int]:
-        ids = super()._reply(key, submit)
-        if key is None:
-            return ids
+    def _reply(self, key: tuple[Any, ...], submit: bool) -> list[int]:
         self.turns[key] = turn = self.turns.get(key, 0) + 1
-        return self.tokenize(f"[rollout {key[1]} turn {turn}] ") + ids
+        return self.tokenize(f"[rollout {key[1]} turn {turn}] ") + super()._reply(key, submit)
 
     def _replied(self, key: tuple[Any, ...], finished: bool) -> None:
         self.inflight.discard(key)
-        if finished and key in self.live:
+        if finished:
             self.live.discard(key)
-            self.done_gen.append(self.rollouts[key][3])
 
     def _count(self) -> None:
         last = time.monotonic()
@@ -305,7 +295,6 @@ class TrainerEngineServer(LatencyEngineServer):
                 for key in [k for k in self.live if k not in self.inflight]:  # the agent's own timeout ended it
                     if now > self.rollouts[key][1] + self.p.timeout_s:
                         self.live.discard(key)
-                        self.done_gen.append(self.rollouts[key][3])
             last = now
 
     def route(self, path: str, body: dict[str, Any] | None) -> tuple[int, dict[str, Any]]:
@@ -390,8 +379,7 @@ def trainer_run(args: argparse.Namespace, p: sim.SimParams, out: Path) -> dict[s
     records = [json.loads(line) for line in (out / "refill" / "rollouts.jsonl").read_text().splitlines()]
     started = sum(1 for k in double.rollouts.values() if k[1] <= end)
     return {"iteration_s": total / p.iterations, "idle": 1 - held / (p.slots * total), "update_s": update,
-            "sync_s": sync, "train_s": sum(r.get("train_s", 0.0) for r in rows) / len(rows), "judge_s": judge,
-            "rollouts": started, "non_gen_share": 1 - gen / held,
+            "sync_s": sync, "judge_s": judge, "rollouts": started, "non_gen_share": 1 - gen / held,
             "slot_overhead_s": slot_overhead(records, p.timeout_s)}  # fmt: skip
 
 
@@ -435,6 +423,12 @@ def klong_table() -> Table:
     return t
 
 
+def _compared(it_measured: float, it_sim: float, idle_measured: float, idle_sim: float) -> list[str]:
+    """Table cells: iteration time and idle share, measured / simulated, each with sim / measured - 1."""
+    return [f"{it_measured:.2f} / {it_sim:.2f}", f"{it_sim / it_measured - 1:+.1%}",
+            f"{idle_measured:.1%} / {idle_sim:.1%}", f"{idle_sim / idle_measured - 1:+.1%}"]  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--concurrency", type=int, default=16)
@@ -467,17 +461,12 @@ def main() -> None:
             m, r = calibrate(args, seed, out)
             runs.append((m, r))
             p = r.params
-            row = [str(seed), f"{m['iteration_s']:.2f} / {r.iteration_s:.2f}",
-                   f"{r.iteration_s / m['iteration_s'] - 1:+.1%}", f"{m['idle']:.1%} / {r.idle_fraction:.1%}",
-                   f"{r.idle_fraction / m['idle'] - 1:+.1%}", f"{m['rollouts']} / {len(r.rollouts)}",
-                   f"{p.non_gen_share:.1%}", f"{p.slot_overhead_s:.2f}"]  # fmt: skip
-            t.add_row(*row, *([f"{p.train_fixed_s:.2f}", f"{p.sync_s:.2f}"] if args.real_trainer else []))
+            t.add_row(str(seed), *_compared(m["iteration_s"], r.iteration_s, m["idle"], r.idle_fraction),
+                      f"{m['rollouts']} / {len(r.rollouts)}", f"{p.non_gen_share:.1%}", f"{p.slot_overhead_s:.2f}",
+                      *([f"{p.train_fixed_s:.2f}", f"{p.sync_s:.2f}"] if args.real_trainer else []))  # fmt: skip
     if len(runs) > 1:
-        mean = {k: sum(f(m, r) for m, r in runs) / len(runs) for k, f in {
-            "mi": lambda m, r: m["iteration_s"], "si": lambda m, r: r.iteration_s,
-            "mu": lambda m, r: m["idle"], "su": lambda m, r: r.idle_fraction}.items()}  # fmt: skip
-        t.add_row("mean", f"{mean['mi']:.2f} / {mean['si']:.2f}", f"{mean['si'] / mean['mi'] - 1:+.1%}",
-                  f"{mean['mu']:.1%} / {mean['su']:.1%}", f"{mean['su'] / mean['mu'] - 1:+.1%}")  # fmt: skip
+        figures = [(m["iteration_s"], r.iteration_s, m["idle"], r.idle_fraction) for m, r in runs]
+        t.add_row("mean", *_compared(*(sum(col) / len(runs) for col in zip(*figures, strict=True))))
     console.print(t)
     console.print("outside gen: share of a rollout's server time (first request to last reply, pauses excluded) "
                   "not generating (tools, agent loop, HTTP); slot extra: seconds a rollout holds its slot beyond "

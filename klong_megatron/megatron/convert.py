@@ -55,10 +55,9 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from klong_megatron.config.model import ModelConfig
 from klong_megatron.config.trainer import ParallelConfig
 from klong_megatron.megatron import checkpoint as ckpt
-from klong_megatron.megatron.hf import SafetensorsDir
 from klong_megatron.megatron.hf_map import exported_names, group_to_hf, group_to_megatron, hf_group, is_weight
 from klong_megatron.megatron.model import build_gpt
-from klong_megatron.megatron.safetensors_io import SafetensorsWriter
+from klong_megatron.megatron.safetensors_io import SafetensorsDir, SafetensorsWriter
 
 
 def meta_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

@@ -74,15 +74,7 @@ from klong_megatron.megatron.safetensors_io import SafetensorsDir
 _DENSE = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 _MOE = ("Qwen3MoeForCausalLM", "Glm4MoeForCausalLM")
 _SUPPORTED = _DENSE + _MOE
-__all__ = [
-    "SafetensorsDir",
-    "expert_weight_names",
-    "fuse_qkv",
-    "hf_to_megatron",
-    "layer_to_hf",
-    "megatron_to_hf",
-    "split_qkv",
-]
+__all__ = ["expert_weight_names", "fuse_qkv", "hf_to_megatron", "layer_to_hf", "megatron_to_hf", "split_qkv"]
 
 
 def model_config_from_hf(hf_dir: str | Path, seq_length: int | None = None) -> ModelConfig:

@@ -16,8 +16,9 @@ import pytest
 from klong_megatron.cli.convert import main as convert
 from klong_megatron.config.trainer import ParallelConfig
 from klong_megatron.data.render import load_tokenizer
-from klong_megatron.megatron.hf import SafetensorsDir, export_hf, hf_tensors
+from klong_megatron.megatron.hf import export_hf, hf_tensors
 from klong_megatron.megatron.parallel import destroy_distributed, init_distributed
+from klong_megatron.megatron.safetensors_io import SafetensorsDir
 from klong_megatron.rollout.weight_group import tensor_checksum
 
 sys.path.insert(0, str(Path(__file__).parent))

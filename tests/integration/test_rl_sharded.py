@@ -60,11 +60,9 @@ MOE = [  # GLM-4.5-shaped: dense first layer, shared expert, sigmoid router with
     "model.moe_router_expert_bias=true", "model.moe_token_dispatcher=allgather", "model.rotary_percent=0.5",
     "model.qkv_bias=true",
 ]  # fmt: skip
+REFILL = ["rl.refill.enabled=true", "rl.refill.poll_s=0.2"]  # the TP 2 run goes through the rollout service
 LAYOUTS = {
-    "tp2": (
-        ["trainer.parallel.tp=2", "rl.refill.enabled=true", "rl.refill.poll_s=0.2"],
-        [],
-    ),  # with the rollout service
+    "tp2": (["trainer.parallel.tp=2", *REFILL], []),
     "pp2_moe": (["trainer.parallel.pp=2"], MOE),
     "ep2_moe": (["trainer.parallel.ep=2"], MOE),  # DP 2: each rank trains its own rows and holds 2 of the 4 experts
 }
@@ -129,6 +127,6 @@ def test_sharded_rl_iteration_leaves_the_server_on_the_trained_weights(layout: s
     first = {k: tensor_checksum(v) for k, v in HFCausalLM.from_dir(start).checkpoint_tensors().items()}
     assert {k: served.get(k) for k in want} == want  # the server == the unsharded export, tensor by tensor
     assert sum(first[k] != want[k] for k in want) > len(want) // 2  # and the update changed the weights
-    if "rl.refill.enabled=true" in trainer:  # the update trained a whole group the rollout service logged
+    if REFILL[0] in trainer:  # the update trained a whole group the rollout service logged
         groups = [json.loads(line) for line in (out / "refill" / "groups.jsonl").read_text().splitlines()]
         assert groups[0]["status"] == "complete" and len(groups[0]["ids"]) == 2 and state["groups_taken"] >= 1
